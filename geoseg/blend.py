@@ -1,0 +1,137 @@
+"""Blend overlapping tile logits into seamless strips of rows, with bounded memory.
+
+Each tile's logits are multiplied by a weight window and added into an accumulator that holds only
+``tile_size`` rows of the scene. Tiles arrive in row-major order, so when a tile starting at row
+``r`` arrives, every row above ``r`` is finished: those rows are normalised (weighted sum divided by
+weight sum), turned into classes and probabilities, handed to the sink, and dropped. Peak memory is
+about ``tile_size x width x classes`` floats, whatever the scene's height.
+
+Windows (``weight_window``):
+
+- ``cosine`` (default): 1 in the tile's middle, a raised-cosine taper over the ``overlap`` pixels
+  at each edge. It never reaches zero, so every pixel covered by a tile gets some weight.
+- ``gaussian``: centred Gaussian with sigma = size / 8, floored at 1e-4.
+- ``mean``: all ones (plain averaging of overlaps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from geoseg.errors import InputError
+from geoseg.tiling import Tile
+
+WINDOWS = ("cosine", "gaussian", "mean")
+
+
+def _taper(size: int, overlap: int) -> np.ndarray:
+    d = np.minimum(np.arange(size), np.arange(size)[::-1]) + 0.5  # distance to the nearer edge
+    if overlap <= 0:
+        return np.ones(size)
+    return np.where(d < overlap, 0.5 - 0.5 * np.cos(np.pi * d / overlap), 1.0)
+
+
+def weight_window(size: int, *, kind: str = "cosine", overlap: int = 0) -> np.ndarray:
+    """A ``(size, size)`` float32 weight window, strictly positive everywhere."""
+    if kind == "cosine":
+        w1 = _taper(size, overlap)
+    elif kind == "gaussian":
+        x = np.arange(size) + 0.5 - size / 2.0
+        w1 = np.exp(-0.5 * (x / (size / 8.0)) ** 2)
+    elif kind == "mean":
+        w1 = np.ones(size)
+    else:
+        raise InputError(f"--blend {kind!r} is not a weight window; choose one of {', '.join(WINDOWS)}")
+    w = np.outer(w1, w1)
+    return np.maximum(w / w.max(), 1e-4).astype(np.float32)
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    z = logits - logits.max(axis=axis, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=axis, keepdims=True)
+    return z
+
+
+@dataclass(frozen=True)
+class Strip:
+    """Finished rows ``[row_off, row_off + rows)``, full width."""
+
+    row_off: int
+    classes: np.ndarray  # (rows, width) uint8, nodata where invalid
+    probs: np.ndarray  # (rows, width, classes) float32, 0 where invalid
+    valid: np.ndarray  # (rows, width) bool
+
+    @property
+    def rows(self) -> int:
+        return self.classes.shape[0]
+
+
+class StripAccumulator:
+    """Weighted sum of tile logits over a rolling band of ``tile_size`` rows.
+
+    ``sink(strip)`` is called with each finished strip, top to bottom; ``finish()`` flushes the rest.
+    """
+
+    def __init__(
+        self,
+        *,
+        height: int,
+        width: int,
+        classes: int,
+        tile_size: int,
+        window: np.ndarray,
+        sink: Callable[[Strip], None],
+        nodata: int = 255,
+    ) -> None:
+        if classes > 255 or nodata < classes:
+            raise InputError(f"{classes} classes do not fit a uint8 class raster with nodata {nodata}")
+        self.height, self.width, self.classes = height, width, classes
+        self.rows = min(tile_size, height)
+        self.window = window
+        self.sink = sink
+        self.nodata = nodata
+        self.top = 0  # scene row held in buffer row 0
+        self.acc = np.zeros((self.rows, width, classes), dtype=np.float32)
+        self.wsum = np.zeros((self.rows, width), dtype=np.float32)
+        self.valid = np.zeros((self.rows, width), dtype=bool)
+
+    def add(self, tile: Tile, logits: np.ndarray, valid: np.ndarray) -> None:
+        """Add one tile's ``(size, size, classes)`` logits and its ``(size, size)`` valid mask."""
+        if tile.row < self.top:
+            raise ValueError(f"tile {tile.index} at row {tile.row} arrived after row {self.top} was flushed")
+        if tile.row > self.top:
+            self._flush(tile.row)
+        h = min(tile.size, self.height - tile.row)
+        w = min(tile.size, self.width - tile.col)
+        r0 = tile.row - self.top
+        rows, cols = slice(r0, r0 + h), slice(tile.col, tile.col + w)
+        win = self.window[:h, :w]
+        self.acc[rows, cols] += logits[:h, :w] * win[..., None]
+        self.wsum[rows, cols] += win
+        self.valid[rows, cols] |= valid[:h, :w]
+
+    def finish(self) -> None:
+        """Flush every remaining row."""
+        self._flush(self.height)
+
+    def _flush(self, upto: int) -> None:
+        upto = min(upto, self.height)
+        while self.top < upto:
+            n = min(upto - self.top, self.rows)
+            acc, wsum, valid = self.acc[:n], self.wsum[:n], self.valid[:n]
+            covered = valid & (wsum > 0)
+            probs = softmax(acc / np.where(wsum > 0, wsum, 1)[..., None])
+            classes = np.argmax(acc, axis=-1).astype(np.uint8)  # the weight sum does not change argmax
+            classes[~covered] = self.nodata
+            probs[~covered] = 0
+            self.sink(Strip(row_off=self.top, classes=classes, probs=probs, valid=covered))
+            # Move the unfinished rows up and clear the freed ones.
+            keep = self.rows - n
+            for buf in (self.acc, self.wsum, self.valid):
+                buf[:keep] = buf[n:].copy()
+                buf[keep:] = 0
+            self.top += n

@@ -1,0 +1,250 @@
+"""Open a scene and read windows of it: CRS, transform, bands, nodata mask and GSD.
+
+A scene is any GeoTIFF (or other GDAL raster) with 1..N bands of an integer or float type. Nodata
+may be a value, NaN, an internal mask or an alpha band; ``read`` returns the pixels and one boolean
+"valid" mask that folds all of these together (and marks NaN and infinite values invalid).
+
+Reads are windowed and boundless: a window that passes the scene's edge comes back padded with the
+fill value and marked invalid there, so edge tiles and scenes smaller than one tile just work.
+Padding is done here rather than with rasterio's ``boundless=True`` (which goes through a VRT and
+is much slower).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.enums import ColorInterp, MaskFlags
+from rasterio.errors import RasterioError, RasterioIOError
+from rasterio.windows import Window
+
+from geoseg.errors import InputError
+
+SUPPORTED_KINDS = "uifb"  # unsigned, signed, float, bool; complex ("c") is refused
+
+
+@dataclass(frozen=True)
+class SceneInfo:
+    """What geoseg needs to know about a scene, read once when it is opened."""
+
+    path: str
+    width: int
+    height: int
+    crs: rasterio.crs.CRS
+    transform: rasterio.Affine
+    bands: tuple[int, ...]  # 1-based band indexes fed to the model, in order
+    band_names: tuple[str, ...]
+    dtype: str
+    nodata: float | None
+    mask_kind: str  # "none" | "nodata" | "mask" (internal/per-dataset mask or alpha band)
+    alpha_band: int | None
+    gsd: float  # metres per pixel on the ground, at the scene's centre
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+
+def _check_path(path: str | os.PathLike) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file; check the path")
+    if p.is_dir():
+        raise InputError(f"{p} is a directory; give the path of a GeoTIFF file")
+    if p.stat().st_size == 0:
+        raise InputError(f"{p} is an empty file (0 bytes); was it copied completely?")
+    return str(p)
+
+
+def open_dataset(path: str | os.PathLike) -> rasterio.DatasetReader:
+    """Open a raster for reading, turning GDAL's complaints into one clear InputError."""
+    path = _check_path(path)
+    try:
+        return rasterio.open(path)
+    except RasterioIOError as exc:
+        raise InputError(f"{path} is not a raster GDAL can read ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def ground_sample_distance(crs: rasterio.crs.CRS, transform: rasterio.Affine, width: int, height: int) -> float:
+    """Metres per pixel at the scene's centre, measured on the ellipsoid (true for any CRS).
+
+    Web Mercator's nominal pixel size is not its ground size (it is inflated by 1/cos(latitude));
+    a geographic CRS has pixels in degrees. Both are measured geodesically here.
+    """
+    from pyproj import CRS as ProjCRS
+    from pyproj import Geod, Transformer
+
+    pcrs = ProjCRS.from_user_input(crs.to_wkt())
+    cx, cy = width / 2.0, height / 2.0
+    corners = [transform * (cx, cy), transform * (cx + 1, cy), transform * (cx, cy + 1)]
+    try:
+        to_lonlat = Transformer.from_crs(pcrs, pcrs.geodetic_crs, always_xy=True)
+        (x0, y0), (x1, y1), (x2, y2) = [to_lonlat.transform(x, y) for x, y in corners]
+        geod = pcrs.get_geod() or Geod(ellps="WGS84")
+        dx = geod.inv(x0, y0, x1, y1)[2]
+        dy = geod.inv(x0, y0, x2, y2)[2]
+        gsd = math.sqrt(abs(dx * dy))
+    except Exception:  # a local engineering CRS without a datum: fall back to its units
+        factor = pcrs.axis_info[0].unit_conversion_factor if pcrs.axis_info else 1.0
+        gsd = math.sqrt(abs(transform.a * transform.e)) * factor
+    if not math.isfinite(gsd) or gsd <= 0:
+        raise InputError(f"could not work out the pixel size in metres from the CRS {crs} and transform {tuple(transform)[:6]}")
+    return gsd
+
+
+def _band_name(ds: rasterio.DatasetReader, band: int) -> str:
+    desc = ds.descriptions[band - 1]
+    if desc:
+        return desc
+    interp = ds.colorinterp[band - 1]
+    if interp not in (ColorInterp.undefined, ColorInterp.gray) or ds.count > 1:
+        return interp.name
+    return f"band{band}"
+
+
+def describe(ds: rasterio.DatasetReader, *, bands: tuple[int, ...] | None = None, assume_crs: str | None = None) -> SceneInfo:
+    """Check an open dataset and describe it; InputError for anything geoseg cannot use."""
+    path = ds.name
+    if ds.count == 0:
+        raise InputError(f"{path} has no raster bands")
+    kinds = {np.dtype(d).kind for d in ds.dtypes}
+    if not kinds <= set(SUPPORTED_KINDS):
+        raise InputError(f"{path} has {ds.dtypes[0]} data; geoseg reads integer and float imagery, not complex numbers")
+    crs = ds.crs
+    transform = ds.transform
+    if assume_crs:
+        try:
+            crs = rasterio.crs.CRS.from_user_input(assume_crs)
+        except RasterioError as exc:
+            raise InputError(f"--assume-crs {assume_crs!r} is not a CRS ({_first_line(exc)}); use e.g. EPSG:32633") from exc
+    if crs is None:
+        raise InputError(
+            f"{path} has no CRS; if you know it, pass --assume-crs (for example --assume-crs EPSG:32633)"
+        )
+    if transform.is_identity and not assume_crs:
+        raise InputError(
+            f"{path} has no geotransform (pixel coordinates only); georeference it first, "
+            f"or pass --assume-crs to work in pixel coordinates"
+        )
+    if transform.b != 0 or transform.d != 0:
+        raise InputError(
+            f"{path} has a rotated or skewed geotransform; warp it to a north-up grid first "
+            f"(gdalwarp {Path(path).name} northup.tif)"
+        )
+    alpha = None
+    for i, interp in enumerate(ds.colorinterp, start=1):
+        if interp == ColorInterp.alpha:
+            alpha = i
+    data_bands = tuple(i for i in range(1, ds.count + 1) if i != alpha)
+    if bands:
+        for b in bands:
+            if not 1 <= b <= ds.count:
+                raise InputError(f"--bands {','.join(map(str, bands))}: band {b} does not exist; {path} has bands 1..{ds.count}")
+        data_bands = tuple(bands)
+    if not data_bands:
+        raise InputError(f"{path} has only an alpha band; it needs image bands")
+
+    flags = ds.mask_flag_enums[data_bands[0] - 1]
+    if alpha is not None or MaskFlags.per_dataset in flags or MaskFlags.alpha in flags:
+        mask_kind = "mask"
+    elif ds.nodata is not None:
+        mask_kind = "nodata"
+    else:
+        mask_kind = "none"
+    gsd = ground_sample_distance(crs, transform, ds.width, ds.height)
+    return SceneInfo(
+        path=path,
+        width=ds.width,
+        height=ds.height,
+        crs=crs,
+        transform=transform,
+        bands=data_bands,
+        band_names=tuple(_band_name(ds, b) for b in data_bands),
+        dtype=ds.dtypes[data_bands[0] - 1],
+        nodata=ds.nodata,
+        mask_kind=mask_kind,
+        alpha_band=alpha,
+        gsd=gsd,
+    )
+
+
+def open_scene(path: str | os.PathLike, *, bands: tuple[int, ...] | None = None, assume_crs: str | None = None) -> SceneInfo:
+    """Open ``path``, check it and return its SceneInfo (the file is closed again)."""
+    with open_dataset(path) as ds:
+        return describe(ds, bands=bands, assume_crs=assume_crs)
+
+
+class SceneReader:
+    """Reads boundless windows of one scene through its own dataset handle.
+
+    Use one reader per thread: a rasterio dataset must not be shared between threads.
+    """
+
+    def __init__(self, info: SceneInfo) -> None:
+        self.info = info
+        self._ds = open_dataset(info.path)
+
+    def close(self) -> None:
+        self._ds.close()
+
+    def __enter__(self) -> "SceneReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read(self, row0: int, row1: int, col0: int, col1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels ``(rows, cols, bands)`` in the scene's dtype and a boolean valid mask ``(rows, cols)``.
+
+        The window is half-open and may extend past any edge; outside pixels are 0 and invalid.
+        Non-finite float values are set to 0 and marked invalid.
+        """
+        info = self.info
+        h, w = row1 - row0, col1 - col0
+        nb = len(info.bands)
+        data = np.zeros((h, w, nb), dtype=info.dtype)
+        valid = np.zeros((h, w), dtype=bool)
+        r0, r1 = max(row0, 0), min(row1, info.height)
+        c0, c1 = max(col0, 0), min(col1, info.width)
+        if r0 >= r1 or c0 >= c1:
+            return data, valid
+        win = Window(c0, r0, c1 - c0, r1 - r0)
+        try:
+            inner = self._ds.read(list(info.bands), window=win)  # (bands, rows, cols)
+            if info.mask_kind == "mask":
+                inner_valid = self._ds.read_masks(info.alpha_band or info.bands[0], window=win) > 0
+            else:
+                inner_valid = None
+        except RasterioError as exc:
+            raise InputError(
+                f"{info.path}: reading rows {r0}-{r1} failed ({_first_line(exc)}); "
+                f"the file is truncated or corrupted, re-download or re-export it"
+            ) from exc
+        inner = np.moveaxis(inner, 0, -1)
+        if inner_valid is None:
+            if info.mask_kind == "nodata":
+                nd = info.nodata
+                if isinstance(nd, float) and math.isnan(nd):
+                    inner_valid = ~np.all(np.isnan(inner), axis=-1)
+                else:
+                    inner_valid = np.any(inner != np.asarray(nd).astype(inner.dtype), axis=-1)
+            else:
+                inner_valid = np.ones(inner.shape[:2], dtype=bool)
+        if inner.dtype.kind == "f":
+            finite = np.isfinite(inner)
+            if not finite.all():
+                inner_valid &= finite.all(axis=-1)
+                inner = np.where(finite, inner, 0)
+        data[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = inner
+        valid[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = inner_valid
+        return data, valid
