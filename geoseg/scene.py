@@ -86,7 +86,7 @@ def ground_sample_distance(crs: rasterio.crs.CRS, transform: rasterio.Affine, wi
 
     pcrs = ProjCRS.from_user_input(crs.to_wkt())
     cx, cy = width / 2.0, height / 2.0
-    corners = [transform * (cx, cy), transform * (cx + 1, cy), transform * (cx, cy + 1)]
+    corners = [transform @ (cx, cy), transform @ (cx + 1, cy), transform @ (cx, cy + 1)]
     try:
         to_lonlat = Transformer.from_crs(pcrs, pcrs.geodetic_crs, always_xy=True)
         (x0, y0), (x1, y1), (x2, y2) = [to_lonlat.transform(x, y) for x, y in corners]
@@ -222,7 +222,7 @@ class SceneReader:
         try:
             inner = self._ds.read(list(info.bands), window=win)  # (bands, rows, cols)
             if info.mask_kind == "mask":
-                inner_valid = self._ds.read_masks(info.alpha_band or info.bands[0], window=win) > 0
+                inner_valid = self._ds.read_masks(info.bands[0], window=win) > 0
             else:
                 inner_valid = None
         except RasterioError as exc:
