@@ -107,9 +107,9 @@ def _band_name(ds: rasterio.DatasetReader, band: int) -> str:
     if desc:
         return desc
     interp = ds.colorinterp[band - 1]
-    if interp not in (ColorInterp.undefined, ColorInterp.gray) or ds.count > 1:
-        return interp.name
-    return f"band{band}"
+    if interp in (ColorInterp.undefined, ColorInterp.gray):
+        return f"band{band}"
+    return interp.name
 
 
 def describe(ds: rasterio.DatasetReader, *, bands: tuple[int, ...] | None = None, assume_crs: str | None = None) -> SceneInfo:

@@ -26,6 +26,7 @@ def write_raster(
     mask: np.ndarray | None = None,
     alpha: np.ndarray | None = None,
     tiled: bool = True,
+    **creation,
 ) -> Path:
     """Write ``data`` (bands, rows, cols) as a GeoTIFF; ``mask`` becomes an internal mask, ``alpha`` an alpha band."""
     data = np.asarray(data)
@@ -41,6 +42,7 @@ def write_raster(
         profile.update(tiled=True, blockxsize=16, blockysize=16)
     if alpha is not None:
         profile["photometric"] = "RGB" if count == 3 else "MINISBLACK"
+    profile.update(creation)
     with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
         with rasterio.open(path, "w", **profile) as ds:
             ds.write(data, indexes=list(range(1, count + 1)))

@@ -1,0 +1,62 @@
+"""The ``geoseg`` command line: one thin module per command, shared options in ``options.py``.
+
+Each command parses options, calls one library function and reports. Errors the user can fix
+(``GeosegError``) become one line ``Error: ...`` on stderr and exit code 1; ``-v`` adds the traceback.
+Keras is never imported here, so ``geoseg --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+import click
+
+from geoseg import __version__
+from geoseg.cli.options import GeosegGroup
+
+
+@click.group(cls=GeosegGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="geoseg")
+@click.option("-v", "--verbose", count=True, help="More logging; -v also shows tracebacks of errors.")
+@click.option("-q", "--quiet", count=True, help="Less logging: warnings and errors only (-qq: errors only).")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
+    """Segment large satellite and drone GeoTIFFs into seamless class rasters and styled GeoPackages.
+
+    \b
+    geoseg predict scene.tif -o buildings.gpkg
+    """
+    level = logging.INFO - 10 * verbose + 10 * quiet
+    logging.basicConfig(
+        level=max(logging.DEBUG, min(level, logging.ERROR)),
+        format="%(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if verbose < 2:
+        for noisy in ("rasterio", "fiona", "pyogrio", "tensorflow", "absl", "numexpr"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+    ctx.obj["quiet"] = quiet
+
+
+def _register() -> None:
+    from geoseg.cli import models, predict
+
+    cli.add_command(predict.predict)
+    cli.add_command(models.models)
+
+
+_register()
+
+
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    """Entry point: SIGTERM behaves like Ctrl-C, so temporary files are removed either way."""
+    signal.signal(signal.SIGTERM, _sigterm)
+    cli(prog_name="geoseg")

@@ -1,0 +1,101 @@
+"""Options shared by several commands, defined once, and the error handling of every command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from geoseg.errors import GeosegError
+
+# Keep TensorFlow's C++ start-up chatter off stderr unless the user asks for it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def fail(message: str, *, verbose: bool) -> None:
+    """Print one line ``Error: ...`` (plus the traceback with -v) and exit 1."""
+    if verbose:
+        traceback.print_exc(file=sys.stderr)
+    first = " ".join(str(message).split()) or "unknown error"
+    click.echo(f"Error: {first}", err=True)
+    sys.exit(1)
+
+
+class GeosegGroup(click.Group):
+    """Runs commands so that errors end as one line on stderr with exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
+            raise
+        except GeosegError as exc:
+            fail(str(exc), verbose=bool((ctx.obj or {}).get("verbose")))
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted; temporary files were removed and earlier outputs left as they were", err=True)
+            sys.exit(130)
+        except MemoryError:
+            fail("out of memory; lower --batch-size or --tile-size", verbose=bool((ctx.obj or {}).get("verbose")))
+        except OSError as exc:
+            fail(f"{exc.strerror or exc} ({exc.filename or 'file system'})"
+                 + ("; free some disk space" if getattr(exc, "errno", None) == 28 else ""),
+                 verbose=bool((ctx.obj or {}).get("verbose")))
+        except Exception as exc:  # a bug: still one line unless -v
+            fail(f"unexpected {type(exc).__name__}: {exc} (rerun with -v for the traceback and report it)",
+                 verbose=bool((ctx.obj or {}).get("verbose")))
+
+
+def output_option(**kw: Any) -> Callable:
+    return click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), **kw)
+
+
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace outputs that already exist.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+model_option = click.option(
+    "-m", "--model", default=None, metavar="NAME|PATH",
+    help="A built-in model name (see `geoseg models`) or a .keras bundle. Default: buildings.",
+)
+
+
+def parse_bands(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        bands = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give 1-based band numbers separated by commas, e.g. 3,2,1")
+    if not bands or min(bands) < 1:
+        raise click.BadParameter(f"{value!r}: band numbers start at 1, e.g. 1,2,3")
+    return bands
+
+
+bands_option = click.option(
+    "--bands", callback=parse_bands, default=None, metavar="I,J,K",
+    help="Scene bands to feed the model, 1-based, in the model's order (e.g. 3,2,1).",
+)
+assume_crs_option = click.option(
+    "--assume-crs", default=None, metavar="CRS",
+    help="CRS to use when the scene has none (e.g. EPSG:32633).",
+)
+
+
+def echo_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, default=str))
+
+
+def progress_bar(total: int, desc: str, *, quiet: bool) -> Any:
+    """A tqdm bar on stderr that is hidden when stderr is not a terminal (or with -q)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tile", file=sys.stderr, leave=False,
+                disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
+
+
+def logger() -> logging.Logger:
+    return logging.getLogger("geoseg")

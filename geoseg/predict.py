@@ -1,0 +1,429 @@
+"""Orchestration only: scene -> tiles -> batches -> model -> blend -> writers -> polygons.
+
+Each step lives in its own module; this one wires them together, streaming:
+
+- a background thread reads one strip of tile rows at a time, cuts it into tiles, skips tiles
+  with no valid pixel and queues fixed-shape batches (read-ahead while the model runs);
+- the model runs on one batch at a time (``predict_on_batch``: no per-call overhead);
+- the strip accumulator blends the logits and hands finished rows to the writers, which append
+  them to tiled GeoTIFFs in a scratch folder;
+- the class raster is polygonized into the GeoPackage and copied to a COG;
+- all outputs are renamed into place together at the end (``atomic.Staging``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import geoseg
+from geoseg.atomic import Staging, check_output
+from geoseg.blend import StripAccumulator, Strip, weight_window
+from geoseg.errors import InputError
+from geoseg.scene import SceneInfo, SceneReader, open_scene
+from geoseg.tiling import Tile, check_tiling, plan_tiles
+
+log = logging.getLogger(__name__)
+
+CLASS_NODATA = 255
+SCORE_SCALE = 65535
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How to run a model over a scene. ``None`` means "the bundle's default"."""
+
+    tile_size: int | None = None
+    overlap: int | None = None
+    batch_size: int = 8
+    blend: str = "cosine"
+    precision: str = "float32"
+    bands: tuple[int, ...] | None = None
+    assume_crs: str | None = None
+    min_area_m2: float | None = None
+    prefetch: int = 2
+
+
+@dataclass
+class PredictResult:
+    scene: str
+    outputs: dict[str, str]
+    model: dict[str, str]
+    crs: str
+    gsd_m: float
+    width: int
+    height: int
+    tiles: dict[str, int]
+    counts: dict[str, int] = field(default_factory=dict)
+    area_m2: dict[str, float] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Batch:
+    tiles: list[Tile]
+    x: np.ndarray  # (batch_size, T, T, bands) float32, zero-padded past len(tiles)
+    valid: np.ndarray  # (len(tiles), T, T) bool
+
+
+Progress = Callable[[int, int], None]  # (tiles done, tiles total)
+
+
+def match_bands(info: SceneInfo, model_bands: tuple[str, ...]) -> int:
+    """How many times to repeat the scene's bands to feed the model (1, or N for gray -> N bands)."""
+    n, m = len(info.bands), len(model_bands)
+    if n == m:
+        return 1
+    if n == 1:
+        log.warning(
+            "%s has one band; repeating it to feed the model's %d bands (%s)",
+            info.path, m, ", ".join(model_bands),
+        )
+        return m
+    raise InputError(
+        f"{info.path} has {n} image bands ({', '.join(info.band_names)}) but the model expects {m} "
+        f"({', '.join(model_bands)}); choose and order them with --bands, e.g. --bands "
+        + ",".join(str(i) for i in range(1, m + 1))
+    )
+
+
+def effective_tiling(info: SceneInfo, *, tile_size: int, overlap: int, multiple: int) -> tuple[int, int]:
+    """Shrink the tile for a scene smaller than one tile (one tile, less padding)."""
+    check_tiling(tile_size=tile_size, overlap=overlap, size_multiple=multiple)
+    longest = max(info.width, info.height)
+    if longest < tile_size:
+        tile_size = max(multiple, -(-longest // multiple) * multiple)
+        overlap = min(overlap, tile_size // 2)
+        if overlap >= tile_size:
+            overlap = 0
+    return tile_size, overlap
+
+
+def iter_batches(
+    info: SceneInfo,
+    tiles: list[Tile],
+    *,
+    batch_size: int,
+    fill: np.ndarray,
+    repeat: int,
+    skipped: list[int],
+) -> Iterator[Batch]:
+    """Read the scene strip by strip and yield fixed-shape batches of the tiles that have data."""
+    if not tiles:
+        return
+    size = tiles[0].size
+    nb = len(info.bands) * repeat
+    width = max(info.width, max(t.col for t in tiles) + size)
+    pending: list[tuple[Tile, np.ndarray, np.ndarray]] = []
+
+    def emit() -> Batch:
+        x = np.zeros((batch_size, size, size, nb), dtype=np.float32)
+        for i, (_, data, _) in enumerate(pending):
+            x[i] = data
+        b = Batch(tiles=[t for t, _, _ in pending], x=x, valid=np.stack([v for _, _, v in pending]))
+        pending.clear()
+        return b
+
+    with SceneReader(info) as reader:
+        row_starts = sorted({t.row for t in tiles})
+        by_row: dict[int, list[Tile]] = {r: [] for r in row_starts}
+        for t in tiles:
+            by_row[t.row].append(t)
+        for r in row_starts:
+            data, valid = reader.read(r, r + size, 0, width)
+            for t in by_row[r]:
+                v = valid[:, t.col : t.col + size]
+                if not v.any():
+                    skipped.append(t.index)
+                    continue
+                x = data[:, t.col : t.col + size].astype(np.float32)
+                if repeat > 1:
+                    x = np.repeat(x, repeat, axis=-1)
+                x[~v] = fill  # invalid pixels become the band means: 0 after normalisation
+                pending.append((t, x, v))
+                if len(pending) == batch_size:
+                    yield emit()
+        if pending:
+            yield emit()
+
+
+def prefetch(gen: Iterator[Batch], depth: int) -> Iterator[Batch]:
+    """Run ``gen`` in a background thread, ``depth`` items ahead (GDAL releases the GIL)."""
+    if depth <= 0:
+        yield from gen
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in gen:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            q.put(exc)
+
+    thread = threading.Thread(target=work, name="geoseg-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
+
+
+class RasterSinks:
+    """Writes finished strips: class ids, per-pixel score, and (optionally) class probabilities."""
+
+    def __init__(self, info: SceneInfo, *, classes: int, scratch: Path, probs: bool) -> None:
+        from geoseg.outputs import TiledTiffWriter
+
+        common = dict(width=info.width, height=info.height, crs=info.crs, transform=info.transform)
+        self.class_path = scratch / "classes.tif"
+        self.score_path = scratch / "score.tif"
+        self.probs_path = scratch / "probs.tif" if probs else None
+        self.counts = np.zeros(classes, dtype=np.int64)
+        self._writers = [
+            TiledTiffWriter(self.class_path, count=1, dtype="uint8", nodata=CLASS_NODATA, **common),
+            TiledTiffWriter(self.score_path, count=1, dtype="uint16", nodata=0, **common),
+        ]
+        if self.probs_path:
+            self._writers.append(TiledTiffWriter(self.probs_path, count=classes, dtype="float32", **common))
+
+    def __call__(self, strip: Strip) -> None:
+        cls_w, score_w = self._writers[:2]
+        cls_w.write(strip.classes, row_off=strip.row_off)
+        win = np.take_along_axis(strip.probs, np.minimum(strip.classes, strip.probs.shape[-1] - 1)[..., None], -1)[..., 0]
+        score = np.where(strip.valid, np.clip(np.rint(win * SCORE_SCALE), 1, SCORE_SCALE), 0).astype(np.uint16)
+        score_w.write(score, row_off=strip.row_off)
+        if self.probs_path:
+            self._writers[2].write(np.moveaxis(strip.probs, -1, 0), row_off=strip.row_off)
+        self.counts += np.bincount(strip.classes[strip.valid].ravel(), minlength=len(self.counts))[: len(self.counts)]
+
+    def close(self) -> None:
+        for w in self._writers:
+            w.close()
+
+
+def run_model(
+    info: SceneInfo,
+    bundle,
+    *,
+    tile_size: int,
+    overlap: int,
+    options: PredictOptions,
+    sink: Callable[[Strip], None],
+    progress: Progress | None = None,
+    timings: dict[str, float] | None = None,
+) -> dict[str, int]:
+    """Segment the whole scene, handing finished strips to ``sink``; returns tile counts."""
+    meta = bundle.meta
+    repeat = match_bands(info, meta.bands)
+    tiles = plan_tiles(info.height, info.width, tile_size=tile_size, overlap=overlap)
+    fill = np.asarray(meta.mean, dtype=np.float32)
+    skipped: list[int] = []
+    acc = StripAccumulator(
+        height=info.height,
+        width=info.width,
+        classes=len(meta.classes),
+        tile_size=tile_size,
+        window=weight_window(tile_size, kind=options.blend, overlap=overlap),
+        sink=sink,
+        nodata=CLASS_NODATA,
+    )
+    timings = timings if timings is not None else {}
+    t_model = t_blend = 0.0
+    done = 0
+    gen = iter_batches(info, tiles, batch_size=options.batch_size, fill=fill, repeat=repeat, skipped=skipped)
+    for batch in prefetch(gen, options.prefetch):
+        t0 = time.perf_counter()
+        logits = np.asarray(bundle.model.predict_on_batch(batch.x), dtype=np.float32)
+        t1 = time.perf_counter()
+        for i, tile in enumerate(batch.tiles):
+            acc.add(tile, logits[i], batch.valid[i])
+        t_model += t1 - t0
+        t_blend += time.perf_counter() - t1
+        done += len(batch.tiles)
+        if progress:
+            progress(done + len(skipped), len(tiles))
+    t1 = time.perf_counter()
+    acc.finish()
+    t_blend += time.perf_counter() - t1
+    if progress:
+        progress(len(tiles), len(tiles))
+    timings["model"] = round(t_model, 3)
+    timings["blend_write"] = round(t_blend, 3)
+    return {"total": len(tiles), "skipped": len(skipped), "size": tile_size, "overlap": overlap, "batch_size": options.batch_size}
+
+
+def predict(
+    scene: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    model: str | os.PathLike | None = None,
+    raster_out: str | os.PathLike | None = None,
+    probs_out: str | os.PathLike | None = None,
+    options: PredictOptions = PredictOptions(),
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    bundle=None,
+) -> PredictResult:
+    """Segment ``scene`` and write the GeoPackage ``output`` (and optional rasters), all or nothing."""
+    from geoseg import outputs, polygons
+    from geoseg.models.bundle import load_bundle, resolve_model
+
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    if options.batch_size <= 0:
+        raise InputError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if options.precision not in PRECISIONS:
+        raise InputError(f"--precision {options.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if Path(output).suffix.lower() != ".gpkg":
+        raise InputError(f"-o {output}: the polygon output must be a GeoPackage ending in .gpkg")
+    for path, what in ((raster_out, "--raster-out"), (probs_out, "--probs-out")):
+        if path is not None and Path(path).suffix.lower() not in (".tif", ".tiff"):
+            raise InputError(f"{what} {path}: raster outputs are GeoTIFFs; use a name ending in .tif")
+    # Fail on outputs before any heavy work.
+    for path in (output, raster_out, probs_out):
+        if path is not None:
+            check_output(path, overwrite=overwrite)
+    info = open_scene(scene, bands=options.bands, assume_crs=options.assume_crs)
+    if bundle is None:
+        bundle = load_bundle(resolve_model(None if model is None else str(model)), precision=options.precision)
+    meta = bundle.meta
+    timings["load"] = round(time.perf_counter() - t_start, 3)
+    if meta.gsd_range and not (meta.gsd_range[0] <= info.gsd <= meta.gsd_range[1]):
+        log.warning(
+            "%s has %.3g m pixels; the model %s was trained on %.3g-%.3g m, expect poorer results",
+            info.path, info.gsd, meta.name, *meta.gsd_range,
+        )
+    tile_size, overlap = effective_tiling(
+        info,
+        tile_size=options.tile_size or meta.tile_size,
+        overlap=meta.overlap if options.overlap is None else options.overlap,
+        multiple=meta.size_multiple,
+    )
+    class_names = list(meta.class_names)
+    colors = list(meta.colors)
+    with Staging(overwrite=overwrite) as staging:
+        gpkg_tmp = staging.output(output)
+        raster_tmp = staging.output(raster_out) if raster_out else None
+        probs_tmp = staging.output(probs_out) if probs_out else None
+        scratch = staging.scratch(output)
+        sinks = RasterSinks(info, classes=len(class_names), scratch=scratch, probs=probs_out is not None)
+        try:
+            tiles = run_model(
+                info, bundle, tile_size=tile_size, overlap=overlap, options=options,
+                sink=sinks, progress=progress, timings=timings,
+            )
+        finally:
+            sinks.close()
+        if tiles["skipped"] == tiles["total"]:
+            log.warning("%s has no valid pixels (all nodata); the outputs are empty", info.path)
+
+        t0 = time.perf_counter()
+        min_area = options.min_area_m2
+        if min_area is None:
+            min_area = {c.name: c.min_area_m2 for c in meta.classes}
+        layers = polygons.polygonize(
+            sinks.class_path,
+            class_names=class_names,
+            skip=set(meta.background),
+            score_path=sinks.score_path,
+            score_scale=1.0 / SCORE_SCALE,
+            min_area_m2=min_area,
+        )
+        timings["polygonize"] = round(time.perf_counter() - t0, 3)
+
+        run_meta = {
+            "geoseg_version": geoseg.__version__,
+            "model_name": meta.name,
+            "model_sha256": bundle.sha256,
+            "model_path": str(bundle.path),
+            "scene": str(Path(info.path).resolve()),
+            "tile_size": str(tile_size),
+            "overlap": str(overlap),
+            "batch_size": str(options.batch_size),
+            "blend": options.blend,
+            "precision": options.precision,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        t0 = time.perf_counter()
+        outputs.write_geopackage(
+            gpkg_tmp,
+            layers,
+            colors={name: tuple(c) for name, c in zip(class_names, colors)},
+            metadata=run_meta,
+        )
+        if raster_tmp:
+            outputs.write_cog(
+                sinks.class_path,
+                raster_tmp,
+                colormap=outputs.class_colormap(colors, nodata=CLASS_NODATA),
+                band_descriptions=["class"],
+                tags={**run_meta, "class_names": ",".join(class_names)},
+            )
+            outputs.write_raster_qml(
+                raster_tmp.with_suffix(".qml"), class_names=class_names, colors=colors,
+            )
+        if probs_tmp:
+            outputs.write_cog(
+                sinks.probs_path,
+                probs_tmp,
+                band_descriptions=[f"p_{name}" for name in class_names],
+                tags=run_meta,
+                resampling="average",
+            )
+        timings["write"] = round(time.perf_counter() - t0, 3)
+        staging.commit()
+
+    timings["total"] = round(time.perf_counter() - t_start, 3)
+    outs = {"gpkg": str(output)}
+    if raster_out:
+        outs["raster"] = str(raster_out)
+    if probs_out:
+        outs["probs"] = str(probs_out)
+    return PredictResult(
+        scene=str(info.path),
+        outputs=outs,
+        model={"name": meta.name, "sha256": bundle.sha256, "path": str(bundle.path)},
+        crs=info.crs.to_string(),
+        gsd_m=round(info.gsd, 6),
+        width=info.width,
+        height=info.height,
+        tiles=tiles,
+        counts={name: int(len(layers[name])) for name in layers},
+        area_m2={name: round(float(layers[name]["area_m2"].sum()), 3) for name in layers},
+        timings_s=timings,
+    )

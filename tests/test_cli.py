@@ -1,0 +1,113 @@
+"""The command-line contract: exit codes, one-line errors, --json on stdout, outputs that open."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+from click.testing import CliRunner
+
+from geoseg.cli import cli
+from tests.conftest import write_raster
+from tests.testmodels import blocky_labels, keras_onehot_bundle
+
+
+@pytest.fixture(scope="module")
+def onehot_model(tmp_path_factory):
+    return keras_onehot_bundle(tmp_path_factory.mktemp("model") / "onehot.keras")
+
+
+@pytest.fixture
+def scene(tmp_path):
+    labels = blocky_labels(150, 170, 4, np.random.default_rng(5), block=11)
+    write_raster(tmp_path / "scene.tif", labels.astype("uint8")[None])
+    return tmp_path / "scene.tif", labels
+
+
+def invoke(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def assert_one_line_error(result, code, *needles):
+    assert result.exit_code == code, result.output
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in err[0], err[0]
+
+
+def test_predict_with_a_keras_bundle_reproduces_the_band_and_writes_styled_outputs(tmp_path, scene, onehot_model):
+    path, labels = scene
+    out, classes = tmp_path / "out.gpkg", tmp_path / "classes.tif"
+    result = invoke("predict", path, "-o", out, "--model", onehot_model, "--raster-out", classes,
+                    "--tile-size", 48, "--overlap", 12, "--batch-size", 3, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["model"]["name"] == "onehot" and len(doc["model"]["sha256"]) == 64
+    assert doc["outputs"] == {"gpkg": str(out), "raster": str(classes)}
+    with rasterio.open(classes) as ds:
+        np.testing.assert_array_equal(ds.read(1), labels)
+        assert ds.nodata == 255
+        assert ds.colormap(1)[1][:3] == (230, 25, 75)
+        assert ds.tags()["model_sha256"] == doc["model"]["sha256"]
+    assert (tmp_path / "classes.qml").exists()
+    info = pyogrio.read_info(out, layer="class1")
+    assert info["crs"] == "EPSG:32633" and {"class_name", "class_id", "area_m2", "score"} <= set(info["fields"])
+    con = sqlite3.connect(out)
+    rows = con.execute("SELECT f_table_name, f_table_schema, f_geometry_column, useAsDefault FROM layer_styles").fetchall()
+    con.close()
+    assert sorted(r[0] for r in rows) == ["class1", "class2", "class3"]
+    assert all(r[1] == "" and r[2] == info["geometry_name"] and r[3] for r in rows)
+
+
+def test_bad_inputs_are_one_line_errors_with_exit_code_1(tmp_path, scene, onehot_model):
+    path, _ = scene
+    out = tmp_path / "o.gpkg"
+    assert_one_line_error(invoke("predict", tmp_path / "missing.tif", "-o", out, "--model", onehot_model), 1, "no such file")
+    assert_one_line_error(invoke("predict", path, "-o", out, "--model", onehot_model, "--overlap", 64, "--tile-size", 64), 1,
+                          "--overlap")
+    assert_one_line_error(invoke("predict", path, "-o", out, "--model", onehot_model, "--batch-size", 0), 1, "--batch-size")
+    assert_one_line_error(invoke("predict", path, "-o", out, "--model", tmp_path / "nope.keras"), 1, "nope.keras")
+    junk = tmp_path / "junk.keras"
+    junk.write_bytes(b"not a zip")
+    assert_one_line_error(invoke("predict", path, "-o", out, "--model", junk), 1, "junk.keras")
+    nocrs = write_raster(tmp_path / "nocrs.tif", np.ones((1, 20, 20), np.uint8), crs=None)
+    assert_one_line_error(invoke("predict", nocrs, "-o", out, "--model", onehot_model), 1, "--assume-crs")
+    assert invoke("predict", nocrs, "-o", out, "--model", onehot_model, "--assume-crs", "EPSG:32633").exit_code == 0
+    assert_one_line_error(invoke("predict", path, "-o", out, "--model", onehot_model), 1, "--overwrite")
+    assert_one_line_error(invoke("predict", path, "-o", tmp_path / "nofolder" / "o.gpkg", "--model", onehot_model), 1,
+                          "does not exist")
+    assert_one_line_error(invoke("predict", path, "-o", tmp_path / "o.shp", "--model", onehot_model), 1, ".gpkg")
+    leftovers = [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert leftovers == []
+
+
+def test_usage_errors_exit_2(scene):
+    path, _ = scene
+    assert invoke("predict", path).exit_code == 2  # no -o
+    assert invoke("predict", path, "-o", "x.gpkg", "--blend", "nope").exit_code == 2
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    result = invoke("-v", "predict", tmp_path / "missing.tif", "-o", tmp_path / "o.gpkg")
+    assert result.exit_code == 1 and "Traceback" in result.stderr and "Error: " in result.stderr
+
+
+def test_models_json_lists_builtin_bundles():
+    result = invoke("models", "--json")
+    assert result.exit_code == 0
+    assert isinstance(json.loads(result.stdout), list)
+
+
+def test_help_is_instant_and_does_not_import_keras():
+    code = "import sys; from geoseg.cli import cli; cli(['--help'], standalone_mode=False); print('keras' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"

@@ -1,0 +1,160 @@
+"""predict end to end: the keystone (one-hot of a band comes back exactly), outputs, atomicity."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from geoseg.errors import InputError, OutputError
+from geoseg.predict import PredictOptions, predict
+from tests.conftest import write_raster
+from tests.testmodels import blocky_labels, numpy_bundle
+
+DTYPES = ["uint8", "uint16", "int16", "float32"]
+
+
+def run(tmp_path, labels, *, tile, overlap, batch, blend="cosine", nodata_mask=None, dtype="uint8", name="s"):
+    scene = tmp_path / f"{name}.tif"
+    kw = {}
+    if nodata_mask is not None:
+        kw["mask"] = ~nodata_mask
+    write_raster(scene, labels.astype(dtype)[None], **kw)
+    bundle = numpy_bundle(classes=4)
+    out = tmp_path / f"{name}.gpkg"
+    raster = tmp_path / f"{name}.tif".replace(".tif", "_classes.tif")
+    result = predict(
+        scene, out, raster_out=raster, bundle=bundle,
+        options=PredictOptions(tile_size=tile, overlap=overlap, batch_size=batch, blend=blend),
+    )
+    with rasterio.open(raster) as ds:
+        classes = ds.read(1)
+    return result, classes, bundle
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    h=st.integers(1, 130), w=st.integers(1, 130), tile=st.sampled_from([8, 16, 24, 32, 48, 64]),
+    overlap_frac=st.floats(0, 0.75), batch=st.integers(1, 6), blend=st.sampled_from(["cosine", "gaussian", "mean"]),
+    dtype=st.sampled_from(DTYPES), holes=st.booleans(), seed=st.integers(0, 10_000),
+)
+def test_keystone_onehot_band_comes_back_exactly(tmp_path_factory, h, w, tile, overlap_frac, batch, blend, dtype, holes, seed):
+    tmp_path = tmp_path_factory.mktemp("k")
+    rng = np.random.default_rng(seed)
+    labels = blocky_labels(h, w, 4, rng, block=int(rng.integers(1, 9)))
+    nodata = None
+    if holes:
+        nodata = np.zeros((h, w), bool)
+        r, c = rng.integers(0, h), rng.integers(0, w)
+        nodata[r : r + int(rng.integers(1, 60)), c : c + int(rng.integers(1, 60))] = True
+    overlap = min(int(tile * overlap_frac), tile - 1)
+    result, classes, bundle = run(tmp_path, labels, tile=tile, overlap=overlap, batch=batch, blend=blend,
+                                  nodata_mask=nodata, dtype=dtype)
+    expected = labels.copy()
+    if nodata is not None:
+        expected[nodata] = 255
+    np.testing.assert_array_equal(classes, expected)
+    # one fixed input shape for every model call, whatever the scene
+    assert len(bundle.model.shapes) <= 1
+    assert result.tiles["total"] >= 1
+
+
+def test_keystone_polygons_match_the_band(tmp_path):
+    rng = np.random.default_rng(3)
+    labels = blocky_labels(97, 131, 4, rng, block=9)
+    result, classes, _ = run(tmp_path, labels, tile=32, overlap=8, batch=3)
+    listed = pyogrio.list_layers(tmp_path / "s.gpkg")
+    layers = [name for name, geom in listed if geom is not None]
+    assert layers == ["class1", "class2", "class3"]
+    assert {name for name, geom in listed if geom is None} == {"layer_styles", "geoseg_run"}
+    for cid, name in enumerate(layers, start=1):
+        df = pyogrio.read_dataframe(tmp_path / "s.gpkg", layer=name)
+        assert (df["class_id"] == cid).all() and (df["class_name"] == name).all()
+        # 0.5 m pixels: each pixel is 0.25 m²; the layer's area is its pixel count
+        assert df["area_m2"].sum() == pytest.approx((labels == cid).sum() * 0.25)
+        assert df.geometry.is_valid.all()
+        assert df["score"].between(0.0, 1.0).all()
+        assert df.crs.to_epsg() == 32633
+    assert result.counts == {n: len(pyogrio.read_dataframe(tmp_path / "s.gpkg", layer=n)) for n in layers}
+
+
+def test_all_nodata_scene_gives_empty_layers_and_skips_every_tile(tmp_path, caplog):
+    labels = np.ones((50, 60), int) * 2
+    result, classes, bundle = run(tmp_path, labels, tile=16, overlap=4, batch=2, nodata_mask=np.ones((50, 60), bool))
+    assert (classes == 255).all()
+    assert result.tiles["skipped"] == result.tiles["total"] and bundle.model.calls == 0
+    assert all(n == 0 for n in result.counts.values())
+    assert "no valid pixels" in caplog.text
+
+
+def test_scene_smaller_than_a_tile(tmp_path):
+    labels = blocky_labels(5, 3, 3, np.random.default_rng(0), block=2)
+    result, classes, _ = run(tmp_path, labels, tile=64, overlap=16, batch=4)
+    np.testing.assert_array_equal(classes, labels)
+    assert result.tiles["total"] == 1
+
+
+def test_outputs_are_atomic_and_existing_outputs_need_overwrite(tmp_path):
+    labels = blocky_labels(40, 40, 3, np.random.default_rng(0))
+    run(tmp_path, labels, tile=16, overlap=4, batch=2)
+    before = (tmp_path / "s.gpkg").read_bytes()
+    with pytest.raises(OutputError, match="--overwrite"):
+        run(tmp_path, labels, tile=16, overlap=4, batch=2)
+    assert (tmp_path / "s.gpkg").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.gpkg", "s.tif", "s_classes.qml", "s_classes.tif"]
+
+
+class Exploding:
+    """A model that fails on its third call, as a crash or Ctrl-C would."""
+
+    def __init__(self, exc):
+        self.exc, self.calls = exc, 0
+
+    def predict_on_batch(self, x):
+        self.calls += 1
+        if self.calls == 3:
+            raise self.exc
+        return np.zeros(x.shape[:3] + (4,), np.float32)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), RuntimeError("boom")])
+def test_failure_mid_run_leaves_no_partial_output_and_keeps_earlier_output(tmp_path, exc):
+    scene = write_raster(tmp_path / "scene.tif", np.ones((1, 80, 80), np.uint8))
+    out = tmp_path / "out.gpkg"
+    out.write_bytes(b"earlier output")
+    bundle = numpy_bundle()
+    object.__setattr__(bundle, "model", Exploding(exc))
+    with pytest.raises(type(exc)):
+        predict(scene, out, raster_out=tmp_path / "c.tif", bundle=bundle, overwrite=True,
+                options=PredictOptions(tile_size=16, overlap=4, batch_size=2))
+    assert out.read_bytes() == b"earlier output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gpkg", "scene.tif"]
+
+
+def test_band_mismatch_names_bands_and_gray_is_repeated(tmp_path, caplog):
+    scene = write_raster(tmp_path / "rgbn.tif", np.ones((4, 20, 20), np.uint8), photometric="MINISBLACK")
+    with pytest.raises(InputError, match="--bands"):
+        predict(scene, tmp_path / "o.gpkg", bundle=numpy_bundle(bands=3))
+    gray = write_raster(tmp_path / "gray.tif", np.full((1, 20, 20), 2, np.uint8))
+    predict(gray, tmp_path / "g.gpkg", raster_out=tmp_path / "g.tif", bundle=numpy_bundle(bands=3))
+    assert "repeating it" in caplog.text
+    with rasterio.open(tmp_path / "g.tif") as ds:
+        assert (ds.read(1) == 2).all()
+    predict(scene, tmp_path / "b.gpkg", bundle=numpy_bundle(bands=3), options=PredictOptions(bands=(3, 2, 1)))
+
+
+def test_probabilities_output_sums_to_one(tmp_path):
+    labels = blocky_labels(30, 45, 3, np.random.default_rng(1))
+    scene = write_raster(tmp_path / "s.tif", labels.astype("uint8")[None])
+    predict(scene, tmp_path / "o.gpkg", probs_out=tmp_path / "p.tif", bundle=numpy_bundle(classes=3),
+            options=PredictOptions(tile_size=16, overlap=4))
+    with rasterio.open(tmp_path / "p.tif") as ds:
+        p = ds.read()
+        assert ds.count == 3 and ds.descriptions == ("p_background", "p_class1", "p_class2")
+    np.testing.assert_allclose(p.sum(0), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(p.argmax(0), labels)
