@@ -9,4 +9,12 @@ Keras is imported lazily (only by ``geoseg.models`` when a model is built or loa
 geoseg and running ``geoseg --help`` stay fast.
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# GDAL caches written and read blocks up to 5 % of RAM by default, which made peak memory grow with
+# the scene (every block of the class and score rasters stayed cached). geoseg streams its rasters
+# strip by strip (column chunks of at most 8192 px), so 64 MB is enough; set GDAL_CACHEMAX yourself
+# to override.
+os.environ.setdefault("GDAL_CACHEMAX", "64")

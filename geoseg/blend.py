@@ -61,7 +61,8 @@ class Strip:
     """Finished rows ``[row_off, row_off + rows)``, full width."""
 
     row_off: int
-    classes: np.ndarray  # (rows, width) uint8, nodata where invalid
+    col_off: int
+    classes: np.ndarray  # (rows, cols) uint8, nodata where invalid
     probs: np.ndarray  # (rows, width, classes) float32, 0 where invalid
     valid: np.ndarray  # (rows, width) bool
 
@@ -73,7 +74,10 @@ class Strip:
 class StripAccumulator:
     """Weighted sum of tile logits over a rolling band of ``tile_size`` rows.
 
-    ``sink(strip)`` is called with each finished strip, top to bottom; ``finish()`` flushes the rest.
+    It covers columns ``[col_off, col_off + width)`` of the scene (the whole width by default);
+    tiles reaching past those columns are clipped, so a wide scene can be blended as column chunks,
+    each fed every tile that touches it. ``sink(strip)`` is called with each finished strip, top to
+    bottom; ``finish()`` flushes the rest.
     """
 
     def __init__(
@@ -86,14 +90,18 @@ class StripAccumulator:
         window: np.ndarray,
         sink: Callable[[Strip], None],
         nodata: int = 255,
+        flush_rows: int = 64,
+        col_off: int = 0,
     ) -> None:
         if classes > 255 or nodata < classes:
             raise InputError(f"{classes} classes do not fit a uint8 class raster with nodata {nodata}")
         self.height, self.width, self.classes = height, width, classes
+        self.col_off = col_off
         self.rows = min(tile_size, height)
         self.window = window
         self.sink = sink
         self.nodata = nodata
+        self.flush_rows = max(1, flush_rows)  # finished rows go out in slices this high (bounds temporaries)
         self.top = 0  # scene row held in buffer row 0
         self.acc = np.zeros((self.rows, width, classes), dtype=np.float32)
         self.wsum = np.zeros((self.rows, width), dtype=np.float32)
@@ -106,13 +114,17 @@ class StripAccumulator:
         if tile.row > self.top:
             self._flush(tile.row)
         h = min(tile.size, self.height - tile.row)
-        w = min(tile.size, self.width - tile.col)
+        c0 = max(tile.col, self.col_off)  # scene columns of the tile inside this accumulator
+        c1 = min(tile.col + tile.size, self.col_off + self.width)
+        if c1 <= c0:
+            return
         r0 = tile.row - self.top
-        rows, cols = slice(r0, r0 + h), slice(tile.col, tile.col + w)
-        win = self.window[:h, :w]
-        self.acc[rows, cols] += logits[:h, :w] * win[..., None]
+        rows, cols = slice(r0, r0 + h), slice(c0 - self.col_off, c1 - self.col_off)
+        tc = slice(c0 - tile.col, c1 - tile.col)  # the same columns in the tile
+        win = self.window[:h, tc]
+        self.acc[rows, cols] += logits[:h, tc] * win[..., None]
         self.wsum[rows, cols] += win
-        self.valid[rows, cols] |= valid[:h, :w]
+        self.valid[rows, cols] |= valid[:h, tc]
 
     def finish(self) -> None:
         """Flush every remaining row."""
@@ -121,14 +133,14 @@ class StripAccumulator:
     def _flush(self, upto: int) -> None:
         upto = min(upto, self.height)
         while self.top < upto:
-            n = min(upto - self.top, self.rows)
+            n = min(upto - self.top, self.rows, self.flush_rows)
             acc, wsum, valid = self.acc[:n], self.wsum[:n], self.valid[:n]
             covered = valid & (wsum > 0)
             probs = softmax(acc / np.where(wsum > 0, wsum, 1)[..., None])
             classes = np.argmax(acc, axis=-1).astype(np.uint8)  # the weight sum does not change argmax
             classes[~covered] = self.nodata
             probs[~covered] = 0
-            self.sink(Strip(row_off=self.top, classes=classes, probs=probs, valid=covered))
+            self.sink(Strip(row_off=self.top, col_off=self.col_off, classes=classes, probs=probs, valid=covered))
             # Move the unfinished rows up and clear the freed ones.
             keep = self.rows - n
             for buf in (self.acc, self.wsum, self.valid):

@@ -19,6 +19,7 @@ import sqlite3
 import xml.etree.ElementTree as ET
 from collections.abc import Container, Mapping, Sequence
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,12 +59,25 @@ RGB = tuple[int, int, int]
 # rasters
 
 
+@dataclass
+class _ColumnBand:
+    """Progress of one column band of a TiledTiffWriter."""
+
+    col_off: int
+    width: int
+    next_row: int = 0  # next row expected
+    buffer_start: int = 0  # first row held in the buffer (a multiple of the block height)
+    buffer: np.ndarray | None = None
+
+
 class TiledTiffWriter:
     """Write a tiled GeoTIFF strip by strip, top to bottom.
 
     Rows are buffered until a whole row of tiles is complete, so GDAL compresses each tile once
     (no partial tiles rewritten) and memory stays at one tile row (``count x block_size x
-    width``); strips that start and end on tile rows are written without the buffer.
+    width``); strips that start and end on tile rows are written without the buffer. The raster may
+    also be written as column bands (``col_off``), each top to bottom, one after the other: give
+    bands that start on a multiple of ``block_size`` so no tile is shared by two bands.
     """
 
     def __init__(
@@ -116,27 +130,35 @@ class TiledTiffWriter:
                 f"cannot create {self.path}: {exc}; check that the folder exists and is writable"
             ) from exc
         self._block = block
-        self._buffer: np.ndarray | None = None  # allocated on the first unaligned strip
-        self._buffer_start = 0  # first row held in the buffer (a multiple of the block height)
-        self._next_row = 0  # next row expected from write()
+        self._bands: dict[int, _ColumnBand] = {}  # col_off -> rows received for that column band
 
     @property
     def rows_written(self) -> int:
-        """Rows received so far (written to disk or buffered)."""
-        return self._next_row
+        """Rows received so far (written to disk or buffered) by the column band that has fewest."""
+        return min((b.next_row for b in self._bands.values()), default=0)
 
-    def write(self, array: np.ndarray, *, row_off: int) -> None:
-        """Write full-width rows starting at ``row_off``: (count, rows, width), or (rows, width)."""
+    def write(self, array: np.ndarray, *, row_off: int, col_off: int = 0) -> None:
+        """Write rows starting at ``row_off``: (count, rows, cols), or (rows, cols).
+
+        Columns ``[col_off, col_off + cols)`` form a column band (the whole width by default); each
+        band is written top to bottom, and a band's first write fixes its width.
+        """
         array = np.asarray(array)
         if array.ndim == 2 and self.count == 1:
             array = array[np.newaxis]
-        if array.ndim != 3 or array.shape[0] != self.count or array.shape[2] != self.width:
+        band = self._bands.get(col_off)
+        cols = band.width if band else (array.shape[2] if array.ndim == 3 else -1)
+        if (array.ndim != 3 or array.shape[0] != self.count or array.shape[2] != cols
+                or col_off < 0 or col_off + cols > self.width):
             raise ValueError(
-                f"expected an array of shape ({self.count}, rows, {self.width}), got {array.shape}"
+                f"expected an array of shape ({self.count}, rows, {cols if band else self.width - col_off}) "
+                f"for columns from {col_off}, got {array.shape}"
             )
-        if row_off != self._next_row:
+        if band is None:
+            band = self._bands[col_off] = _ColumnBand(col_off=col_off, width=cols)
+        if row_off != band.next_row:
             raise ValueError(
-                f"rows must be written in order, top to bottom: expected row_off={self._next_row},"
+                f"rows must be written in order, top to bottom: expected row_off={band.next_row},"
                 f" got {row_off}"
             )
         if row_off + array.shape[1] > self.height:
@@ -150,31 +172,34 @@ class TiledTiffWriter:
         done = 0
         rows = array.shape[1]
         while done < rows:
-            filled = self._next_row - self._buffer_start
+            filled = band.next_row - band.buffer_start
             whole = (rows - done) // self._block * self._block
             if filled == 0 and whole:  # aligned whole tile rows: no copy
-                self._write_rows(array[:, done : done + whole], self._next_row)
+                self._write_rows(array[:, done : done + whole], band.next_row, col_off)
                 done += whole
-                self._next_row += whole
-                self._buffer_start = self._next_row
+                band.next_row += whole
+                band.buffer_start = band.next_row
                 continue
-            if self._buffer is None:
-                self._buffer = np.empty((self.count, self._block, self.width), dtype=self.dtype)
+            if band.buffer is None:
+                band.buffer = np.empty((self.count, self._block, band.width), dtype=self.dtype)
             take = min(self._block - filled, rows - done)
-            self._buffer[:, filled : filled + take] = array[:, done : done + take]
+            band.buffer[:, filled : filled + take] = array[:, done : done + take]
             done += take
-            self._next_row += take
-            if self._next_row - self._buffer_start == self._block:
-                self._flush()
+            band.next_row += take
+            if band.next_row - band.buffer_start == self._block:
+                self._flush(band)
+        if band.next_row == self.height:
+            self._flush(band)
+            band.buffer = None  # a finished band frees its buffer
 
-    def _flush(self) -> None:
-        rows = self._next_row - self._buffer_start
+    def _flush(self, band: "_ColumnBand") -> None:
+        rows = band.next_row - band.buffer_start
         if rows:
-            self._write_rows(self._buffer[:, :rows], self._buffer_start)
-        self._buffer_start = self._next_row
+            self._write_rows(band.buffer[:, :rows], band.buffer_start, band.col_off)
+        band.buffer_start = band.next_row
 
-    def _write_rows(self, array: np.ndarray, row_off: int) -> None:
-        window = Window(0, row_off, self.width, array.shape[1])
+    def _write_rows(self, array: np.ndarray, row_off: int, col_off: int = 0) -> None:
+        window = Window(col_off, row_off, array.shape[2], array.shape[1])
         try:
             self._ds.write(array.astype(self.dtype, copy=False), window=window)
         except rasterio.errors.RasterioIOError as exc:
@@ -188,14 +213,15 @@ class TiledTiffWriter:
         if self._ds.closed:
             return
         try:
-            self._flush()
+            for band in self._bands.values():
+                self._flush(band)
         finally:
             self._ds.close()
-            self._buffer = None
-        if warn_incomplete and self._next_row != self.height:
-            log.warning(
-                "%s closed with %d of %d rows written", self.path, self._next_row, self.height
-            )
+            for band in self._bands.values():
+                band.buffer = None
+        covered = sum(b.width for b in self._bands.values() if b.next_row == self.height)
+        if warn_incomplete and covered != self.width:
+            log.warning("%s closed with %d of %d columns written in full", self.path, covered, self.width)
 
     def __enter__(self) -> TiledTiffWriter:
         return self

@@ -51,6 +51,7 @@ class PredictOptions:
     assume_crs: str | None = None
     min_area_m2: float | None = None
     prefetch: int = 2
+    chunk_width: int = 8192  # scenes wider than this are blended in column chunks (bounds memory)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class PredictResult:
     height: int
     tiles: dict[str, int]
     counts: dict[str, int] = field(default_factory=dict)
+    pixels: dict[str, int] = field(default_factory=dict)
     area_m2: dict[str, float] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
 
@@ -125,7 +127,8 @@ def iter_batches(
         return
     size = tiles[0].size
     nb = len(info.bands) * repeat
-    width = max(info.width, max(t.col for t in tiles) + size)
+    c_min = min(t.col for t in tiles)  # read only the columns these tiles need
+    c_max = max(t.col for t in tiles) + size
     pending: list[tuple[Tile, np.ndarray, np.ndarray]] = []
 
     def emit() -> Batch:
@@ -142,13 +145,14 @@ def iter_batches(
         for t in tiles:
             by_row[t.row].append(t)
         for r in row_starts:
-            data, valid = reader.read(r, r + size, 0, width)
+            data, valid = reader.read(r, r + size, c_min, c_max)
             for t in by_row[r]:
-                v = valid[:, t.col : t.col + size]
+                c = t.col - c_min
+                v = valid[:, c : c + size]
                 if not v.any():
                     skipped.append(t.index)
                     continue
-                x = data[:, t.col : t.col + size].astype(np.float32)
+                x = data[:, c : c + size].astype(np.float32)
                 if repeat > 1:
                     x = np.repeat(x, repeat, axis=-1)
                 x[~v] = fill  # invalid pixels become the band means: 0 after normalisation
@@ -223,17 +227,32 @@ class RasterSinks:
 
     def __call__(self, strip: Strip) -> None:
         cls_w, score_w = self._writers[:2]
-        cls_w.write(strip.classes, row_off=strip.row_off)
+        at = dict(row_off=strip.row_off, col_off=strip.col_off)
+        cls_w.write(strip.classes, **at)
         win = np.take_along_axis(strip.probs, np.minimum(strip.classes, strip.probs.shape[-1] - 1)[..., None], -1)[..., 0]
         score = np.where(strip.valid, np.clip(np.rint(win * SCORE_SCALE), 1, SCORE_SCALE), 0).astype(np.uint16)
-        score_w.write(score, row_off=strip.row_off)
+        score_w.write(score, **at)
         if self.probs_path:
-            self._writers[2].write(np.moveaxis(strip.probs, -1, 0), row_off=strip.row_off)
+            self._writers[2].write(np.moveaxis(strip.probs, -1, 0), **at)
         self.counts += np.bincount(strip.classes[strip.valid].ravel(), minlength=len(self.counts))[: len(self.counts)]
 
     def close(self) -> None:
         for w in self._writers:
             w.close()
+
+
+def column_chunks(width: int, chunk_width: int, *, block: int = 512) -> list[tuple[int, int]]:
+    """Column ranges ``[a, b)`` that split a scene into chunks no wider than ``chunk_width``.
+
+    Chunk edges fall on multiples of ``block`` (the output rasters' tile size) when chunks are at
+    least that wide, so each output tile is written by exactly one chunk.
+    """
+    if chunk_width <= 0:
+        raise InputError(f"chunk width must be positive, got {chunk_width}")
+    if width <= chunk_width:
+        return [(0, width)]
+    step = chunk_width // block * block if chunk_width >= block else chunk_width
+    return [(a, min(a + step, width)) for a in range(0, width, step)]
 
 
 def run_model(
@@ -247,44 +266,126 @@ def run_model(
     progress: Progress | None = None,
     timings: dict[str, float] | None = None,
 ) -> dict[str, int]:
-    """Segment the whole scene, handing finished strips to ``sink``; returns tile counts."""
+    """Segment the whole scene, handing finished strips to ``sink``; returns tile counts.
+
+    A scene wider than ``options.chunk_width`` is done in column chunks, each top to bottom, so
+    memory is bounded by one tile of rows of one chunk whatever the scene's size. A chunk runs every
+    tile that touches it; tiles on a chunk edge are run by both neighbours (a few percent more model
+    work), which keeps the blend exactly what it would be for the whole scene at once.
+    """
     meta = bundle.meta
     repeat = match_bands(info, meta.bands)
     tiles = plan_tiles(info.height, info.width, tile_size=tile_size, overlap=overlap)
     fill = np.asarray(meta.mean, dtype=np.float32)
-    skipped: list[int] = []
-    acc = StripAccumulator(
-        height=info.height,
-        width=info.width,
-        classes=len(meta.classes),
-        tile_size=tile_size,
-        window=weight_window(tile_size, kind=options.blend, overlap=overlap),
-        sink=sink,
-        nodata=CLASS_NODATA,
-    )
+    window = weight_window(tile_size, kind=options.blend, overlap=overlap)
+    chunks = column_chunks(info.width, options.chunk_width)
     timings = timings if timings is not None else {}
     t_model = t_blend = 0.0
-    done = 0
-    gen = iter_batches(info, tiles, batch_size=options.batch_size, fill=fill, repeat=repeat, skipped=skipped)
-    for batch in prefetch(gen, options.prefetch):
-        t0 = time.perf_counter()
-        logits = np.asarray(bundle.model.predict_on_batch(batch.x), dtype=np.float32)
+    skipped: set[int] = set()
+    per_chunk = [[t for t in tiles if t.col < b and t.col + tile_size > a] for a, b in chunks]
+    total = sum(map(len, per_chunk))  # tiles on chunk edges count once per chunk
+    done = run = 0
+    for (a, b), chunk_tiles in zip(chunks, per_chunk):
+        acc = StripAccumulator(
+            height=info.height, width=b - a, col_off=a, classes=len(meta.classes), tile_size=tile_size,
+            window=window, sink=sink, nodata=CLASS_NODATA,
+        )
+        chunk_skipped: list[int] = []
+        gen = iter_batches(info, chunk_tiles, batch_size=options.batch_size, fill=fill, repeat=repeat,
+                           skipped=chunk_skipped)
+        for batch in prefetch(gen, options.prefetch):
+            t0 = time.perf_counter()
+            logits = np.asarray(bundle.model.predict_on_batch(batch.x), dtype=np.float32)
+            t1 = time.perf_counter()
+            for i, tile in enumerate(batch.tiles):
+                acc.add(tile, logits[i], batch.valid[i])
+            t_model += t1 - t0
+            t_blend += time.perf_counter() - t1
+            run += len(batch.tiles)
+            if progress:
+                progress(done + run + len(chunk_skipped), total)
         t1 = time.perf_counter()
-        for i, tile in enumerate(batch.tiles):
-            acc.add(tile, logits[i], batch.valid[i])
-        t_model += t1 - t0
+        acc.finish()
         t_blend += time.perf_counter() - t1
-        done += len(batch.tiles)
-        if progress:
-            progress(done + len(skipped), len(tiles))
-    t1 = time.perf_counter()
-    acc.finish()
-    t_blend += time.perf_counter() - t1
+        skipped.update(chunk_skipped)
+        done += len(chunk_skipped)
     if progress:
-        progress(len(tiles), len(tiles))
+        progress(total, total)
     timings["model"] = round(t_model, 3)
     timings["blend_write"] = round(t_blend, 3)
-    return {"total": len(tiles), "skipped": len(skipped), "size": tile_size, "overlap": overlap, "batch_size": options.batch_size}
+    return {"total": len(tiles), "skipped": len(skipped), "run": run, "chunks": len(chunks), "size": tile_size,
+            "overlap": overlap, "batch_size": options.batch_size}
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """The rasters ``segment`` wrote (tiled GeoTIFFs on the scene's grid) and how it went."""
+
+    info: SceneInfo
+    class_path: Path  # uint8 class ids, nodata 255
+    score_path: Path  # uint16 probability of each pixel's class x 65535, nodata 0
+    probs_path: Path | None  # float32, one band per class
+    tiles: dict[str, int]
+    tile_size: int
+    overlap: int
+    pixels: dict[str, int]  # pixel count per class
+
+
+def check_options(options: PredictOptions) -> None:
+    if options.batch_size <= 0:
+        raise InputError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if options.precision not in PRECISIONS:
+        raise InputError(f"--precision {options.precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
+def load_model_for(model: str | os.PathLike | None, options: PredictOptions):
+    """Resolve ``--model`` (None: the default) and load it with the requested precision."""
+    from geoseg.models.bundle import load_bundle, resolve_model
+
+    return load_bundle(resolve_model(None if model is None else str(model)), precision=options.precision)
+
+
+def segment(
+    info: SceneInfo,
+    bundle,
+    out_dir: str | os.PathLike,
+    *,
+    options: PredictOptions = PredictOptions(),
+    probs: bool = False,
+    progress: Progress | None = None,
+    timings: dict[str, float] | None = None,
+) -> Segmentation:
+    """Run ``bundle`` over the scene and write class, score (and probability) rasters into ``out_dir``.
+
+    The rasters are plain tiled GeoTIFFs on the scene's grid; callers turn them into COGs, polygons
+    or metrics. Memory is bounded by one tile of rows, whatever the scene's size.
+    """
+    check_options(options)
+    meta = bundle.meta
+    if meta.gsd_range and not (meta.gsd_range[0] <= info.gsd <= meta.gsd_range[1]):
+        log.warning(
+            "%s has %.3g m pixels; the model %s was trained on %.3g-%.3g m, expect poorer results",
+            info.path, info.gsd, meta.name, *meta.gsd_range,
+        )
+    tile_size, overlap = effective_tiling(
+        info,
+        tile_size=options.tile_size or meta.tile_size,
+        overlap=meta.overlap if options.overlap is None else options.overlap,
+        multiple=meta.size_multiple,
+    )
+    sinks = RasterSinks(info, classes=len(meta.classes), scratch=Path(out_dir), probs=probs)
+    try:
+        tiles = run_model(info, bundle, tile_size=tile_size, overlap=overlap, options=options,
+                          sink=sinks, progress=progress, timings=timings)
+    finally:
+        sinks.close()
+    if tiles["skipped"] == tiles["total"]:
+        log.warning("%s has no valid pixels (all nodata); the outputs are empty", info.path)
+    return Segmentation(
+        info=info, class_path=sinks.class_path, score_path=sinks.score_path, probs_path=sinks.probs_path,
+        tiles=tiles, tile_size=tile_size, overlap=overlap,
+        pixels={name: int(n) for name, n in zip(meta.class_names, sinks.counts)},
+    )
 
 
 def predict(
@@ -301,14 +402,10 @@ def predict(
 ) -> PredictResult:
     """Segment ``scene`` and write the GeoPackage ``output`` (and optional rasters), all or nothing."""
     from geoseg import outputs, polygons
-    from geoseg.models.bundle import load_bundle, resolve_model
 
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    if options.batch_size <= 0:
-        raise InputError(f"--batch-size must be at least 1, got {options.batch_size}")
-    if options.precision not in PRECISIONS:
-        raise InputError(f"--precision {options.precision!r} is not one of {', '.join(PRECISIONS)}")
+    check_options(options)
     if Path(output).suffix.lower() != ".gpkg":
         raise InputError(f"-o {output}: the polygon output must be a GeoPackage ending in .gpkg")
     for path, what in ((raster_out, "--raster-out"), (probs_out, "--probs-out")):
@@ -320,47 +417,27 @@ def predict(
             check_output(path, overwrite=overwrite)
     info = open_scene(scene, bands=options.bands, assume_crs=options.assume_crs)
     if bundle is None:
-        bundle = load_bundle(resolve_model(None if model is None else str(model)), precision=options.precision)
+        bundle = load_model_for(model, options)
     meta = bundle.meta
     timings["load"] = round(time.perf_counter() - t_start, 3)
-    if meta.gsd_range and not (meta.gsd_range[0] <= info.gsd <= meta.gsd_range[1]):
-        log.warning(
-            "%s has %.3g m pixels; the model %s was trained on %.3g-%.3g m, expect poorer results",
-            info.path, info.gsd, meta.name, *meta.gsd_range,
-        )
-    tile_size, overlap = effective_tiling(
-        info,
-        tile_size=options.tile_size or meta.tile_size,
-        overlap=meta.overlap if options.overlap is None else options.overlap,
-        multiple=meta.size_multiple,
-    )
     class_names = list(meta.class_names)
     colors = list(meta.colors)
     with Staging(overwrite=overwrite) as staging:
         gpkg_tmp = staging.output(output)
         raster_tmp = staging.output(raster_out) if raster_out else None
         probs_tmp = staging.output(probs_out) if probs_out else None
-        scratch = staging.scratch(output)
-        sinks = RasterSinks(info, classes=len(class_names), scratch=scratch, probs=probs_out is not None)
-        try:
-            tiles = run_model(
-                info, bundle, tile_size=tile_size, overlap=overlap, options=options,
-                sink=sinks, progress=progress, timings=timings,
-            )
-        finally:
-            sinks.close()
-        if tiles["skipped"] == tiles["total"]:
-            log.warning("%s has no valid pixels (all nodata); the outputs are empty", info.path)
+        seg = segment(info, bundle, staging.scratch(output), options=options, probs=probs_out is not None,
+                      progress=progress, timings=timings)
 
         t0 = time.perf_counter()
         min_area = options.min_area_m2
         if min_area is None:
             min_area = {c.name: c.min_area_m2 for c in meta.classes}
         layers = polygons.polygonize(
-            sinks.class_path,
+            seg.class_path,
             class_names=class_names,
             skip=set(meta.background),
-            score_path=sinks.score_path,
+            score_path=seg.score_path,
             score_scale=1.0 / SCORE_SCALE,
             min_area_m2=min_area,
         )
@@ -372,8 +449,8 @@ def predict(
             "model_sha256": bundle.sha256,
             "model_path": str(bundle.path),
             "scene": str(Path(info.path).resolve()),
-            "tile_size": str(tile_size),
-            "overlap": str(overlap),
+            "tile_size": str(seg.tile_size),
+            "overlap": str(seg.overlap),
             "batch_size": str(options.batch_size),
             "blend": options.blend,
             "precision": options.precision,
@@ -388,18 +465,16 @@ def predict(
         )
         if raster_tmp:
             outputs.write_cog(
-                sinks.class_path,
+                seg.class_path,
                 raster_tmp,
                 colormap=outputs.class_colormap(colors, nodata=CLASS_NODATA),
                 band_descriptions=["class"],
                 tags={**run_meta, "class_names": ",".join(class_names)},
             )
-            outputs.write_raster_qml(
-                raster_tmp.with_suffix(".qml"), class_names=class_names, colors=colors,
-            )
+            outputs.write_raster_qml(raster_tmp.with_suffix(".qml"), class_names=class_names, colors=colors)
         if probs_tmp:
             outputs.write_cog(
-                sinks.probs_path,
+                seg.probs_path,
                 probs_tmp,
                 band_descriptions=[f"p_{name}" for name in class_names],
                 tags=run_meta,
@@ -422,8 +497,9 @@ def predict(
         gsd_m=round(info.gsd, 6),
         width=info.width,
         height=info.height,
-        tiles=tiles,
+        tiles=seg.tiles,
         counts={name: int(len(layers[name])) for name in layers},
         area_m2={name: round(float(layers[name]["area_m2"].sum()), 3) for name in layers},
+        pixels=seg.pixels,
         timings_s=timings,
     )

@@ -12,6 +12,7 @@ is much slower).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class SceneInfo:
     mask_kind: str  # "none" | "nodata" | "mask" (internal/per-dataset mask or alpha band)
     alpha_band: int | None
     gsd: float  # metres per pixel on the ground, at the scene's centre
+    resampled: bool = False  # True: width/height/transform describe a grid the file is warped onto
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -192,10 +194,22 @@ class SceneReader:
 
     def __init__(self, info: SceneInfo) -> None:
         self.info = info
-        self._ds = open_dataset(info.path)
+        self._file = open_dataset(info.path)
+        self._ds = self._file
+        if info.resampled:
+            from rasterio.vrt import WarpedVRT
+
+            self._ds = WarpedVRT(
+                self._file, crs=info.crs, transform=info.transform, width=info.width, height=info.height,
+                resampling=rasterio.enums.Resampling.bilinear, src_crs=info.crs,
+                add_alpha=info.mask_kind == "mask",
+                src_transform=self._file.transform if not self._file.transform.is_identity else info_source_transform(info),
+            )
 
     def close(self) -> None:
-        self._ds.close()
+        if self._ds is not self._file:
+            self._ds.close()
+        self._file.close()
 
     def __enter__(self) -> "SceneReader":
         return self
@@ -248,3 +262,25 @@ class SceneReader:
         data[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = inner
         valid[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = inner_valid
         return data, valid
+
+
+def info_source_transform(info: SceneInfo) -> rasterio.Affine:
+    """The file's own transform (identity-transform files used with --assume-crs keep the identity)."""
+    with open_dataset(info.path) as ds:
+        return ds.transform
+
+
+def at_gsd(info: SceneInfo, gsd: float) -> SceneInfo:
+    """The same scene on a grid of ``gsd`` metres per pixel (same CRS, same extent, north-up).
+
+    Reads of the returned SceneInfo are warped on the fly (bilinear for imagery); the nodata mask is
+    warped with it. Used to bring a scene to a model's training GSD.
+    """
+    if gsd <= 0:
+        raise InputError(f"a ground sample distance must be positive, got {gsd}")
+    scale = gsd / info.gsd
+    width = max(1, int(round(info.width / scale)))
+    height = max(1, int(round(info.height / scale)))
+    t = info.transform
+    transform = rasterio.Affine(t.a * info.width / width, 0, t.c, 0, t.e * info.height / height, t.f)
+    return dataclasses.replace(info, width=width, height=height, transform=transform, gsd=gsd, resampled=True)

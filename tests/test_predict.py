@@ -19,7 +19,8 @@ from tests.testmodels import blocky_labels, numpy_bundle
 DTYPES = ["uint8", "uint16", "int16", "float32"]
 
 
-def run(tmp_path, labels, *, tile, overlap, batch, blend="cosine", nodata_mask=None, dtype="uint8", name="s"):
+def run(tmp_path, labels, *, tile, overlap, batch, blend="cosine", nodata_mask=None, dtype="uint8", name="s",
+        chunk_width=8192):
     scene = tmp_path / f"{name}.tif"
     kw = {}
     if nodata_mask is not None:
@@ -30,7 +31,7 @@ def run(tmp_path, labels, *, tile, overlap, batch, blend="cosine", nodata_mask=N
     raster = tmp_path / f"{name}.tif".replace(".tif", "_classes.tif")
     result = predict(
         scene, out, raster_out=raster, bundle=bundle,
-        options=PredictOptions(tile_size=tile, overlap=overlap, batch_size=batch, blend=blend),
+        options=PredictOptions(tile_size=tile, overlap=overlap, batch_size=batch, blend=blend, chunk_width=chunk_width),
     )
     with rasterio.open(raster) as ds:
         classes = ds.read(1)
@@ -42,8 +43,10 @@ def run(tmp_path, labels, *, tile, overlap, batch, blend="cosine", nodata_mask=N
     h=st.integers(1, 130), w=st.integers(1, 130), tile=st.sampled_from([8, 16, 24, 32, 48, 64]),
     overlap_frac=st.floats(0, 0.75), batch=st.integers(1, 6), blend=st.sampled_from(["cosine", "gaussian", "mean"]),
     dtype=st.sampled_from(DTYPES), holes=st.booleans(), seed=st.integers(0, 10_000),
+    chunk_width=st.sampled_from([8192, 7, 40, 64]),
 )
-def test_keystone_onehot_band_comes_back_exactly(tmp_path_factory, h, w, tile, overlap_frac, batch, blend, dtype, holes, seed):
+def test_keystone_onehot_band_comes_back_exactly(tmp_path_factory, h, w, tile, overlap_frac, batch, blend, dtype, holes,
+                                                 seed, chunk_width):
     tmp_path = tmp_path_factory.mktemp("k")
     rng = np.random.default_rng(seed)
     labels = blocky_labels(h, w, 4, rng, block=int(rng.integers(1, 9)))
@@ -54,7 +57,7 @@ def test_keystone_onehot_band_comes_back_exactly(tmp_path_factory, h, w, tile, o
         nodata[r : r + int(rng.integers(1, 60)), c : c + int(rng.integers(1, 60))] = True
     overlap = min(int(tile * overlap_frac), tile - 1)
     result, classes, bundle = run(tmp_path, labels, tile=tile, overlap=overlap, batch=batch, blend=blend,
-                                  nodata_mask=nodata, dtype=dtype)
+                                  nodata_mask=nodata, dtype=dtype, chunk_width=chunk_width)
     expected = labels.copy()
     if nodata is not None:
         expected[nodata] = 255
@@ -81,6 +84,31 @@ def test_keystone_polygons_match_the_band(tmp_path):
         assert df["score"].between(0.0, 1.0).all()
         assert df.crs.to_epsg() == 32633
     assert result.counts == {n: len(pyogrio.read_dataframe(tmp_path / "s.gpkg", layer=n)) for n in layers}
+
+
+def test_column_chunks_blend_exactly_like_the_whole_scene(tmp_path):
+    """Real blending (overlapping, non-constant logits) is identical with and without column chunks."""
+    rng = np.random.default_rng(11)
+    scene = write_raster(tmp_path / "s.tif", rng.integers(0, 255, (1, 90, 300)).astype("uint8"))
+
+    class Smooth:  # logits vary inside each tile, so blending weights matter
+        def predict_on_batch(self, x):
+            i = np.linspace(-1, 1, x.shape[1], dtype=np.float32)
+            ramp = (i[:, None] + i[None, :])[None, ..., None]
+            b = x[..., :1] / 255.0
+            return np.concatenate([b + ramp, 1 - b - ramp, ramp * 0.3 + 0 * b], axis=-1)
+
+    outs = {}
+    for cw in (8192, 100, 33):
+        bundle = numpy_bundle(classes=3)
+        object.__setattr__(bundle, "model", Smooth())
+        predict(scene, tmp_path / f"{cw}.gpkg", raster_out=tmp_path / f"{cw}.tif", probs_out=tmp_path / f"p{cw}.tif",
+                bundle=bundle, options=PredictOptions(tile_size=32, overlap=12, chunk_width=cw))
+        with rasterio.open(tmp_path / f"{cw}.tif") as a, rasterio.open(tmp_path / f"p{cw}.tif") as p:
+            outs[cw] = (a.read(1), p.read())
+    for cw in (100, 33):
+        np.testing.assert_array_equal(outs[cw][0], outs[8192][0])
+        np.testing.assert_allclose(outs[cw][1], outs[8192][1], atol=1e-6)
 
 
 def test_all_nodata_scene_gives_empty_layers_and_skips_every_tile(tmp_path, caplog):

@@ -103,3 +103,37 @@ def random_unet_bundle(path: Path, *, bands: int = 3, classes: int = 4, width: i
     )
     save_bundle(model, meta, path)
     return path
+
+
+def small_cnn_bundle(path: Path, *, bands: int = 3, classes: int = 3, mean=None, std=None, seed: int = 0) -> Path:
+    """A two-layer fully convolutional model (5x5 conv, 1x1 logits) with seeded random weights.
+
+    Its class boundaries follow the input smoothly, so on a smooth scene it gives few polygons:
+    useful where a benchmark should measure the pipeline rather than the polygon count.
+    """
+    import keras
+
+    from geoseg.models.bundle import save_bundle
+    from geoseg.models.layers import Normalize
+
+    keras.utils.set_random_seed(seed)
+    mean = list(mean) if mean is not None else [0.0] * bands
+    std = list(std) if std is not None else [1.0] * bands
+    inp = keras.Input((None, None, bands), dtype="float32")
+    x = Normalize(mean, std)(inp)
+    x = keras.layers.Conv2D(8, 5, padding="same", activation="relu")(x)
+    out = keras.layers.Conv2D(classes, 1, dtype="float32")(x)
+    model = keras.Model(inp, out, name="small-cnn")
+    meta = BundleMeta(
+        name="small-cnn",
+        classes=tuple(ClassInfo(name=("background" if i == 0 else f"class{i}"), color=COLORS[i]) for i in range(classes)),
+        background=(0,),
+        bands=tuple(f"b{i}" for i in range(bands)),
+        mean=tuple(mean), std=tuple(std),
+        architecture="cnn",
+        arch_config={"bands": bands, "classes": classes},
+        size_multiple=1,
+        tile_size=512, overlap=128,
+    )
+    save_bundle(model, meta, path)
+    return path
