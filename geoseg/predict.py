@@ -19,16 +19,19 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import rasterio
+from rasterio.windows import Window
 
 import geoseg
 from geoseg.atomic import Staging, check_output
 from geoseg.blend import StripAccumulator, Strip, weight_window
 from geoseg.errors import InputError
-from geoseg.scene import SceneInfo, SceneReader, open_scene
+from geoseg.scene import SceneInfo, SceneReader, at_gsd, open_scene
 from geoseg.tiling import Tile, check_tiling, plan_tiles
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,7 @@ class PredictOptions:
     min_area_m2: float | None = None
     prefetch: int = 2
     chunk_width: int = 8192  # scenes wider than this are blended in column chunks (bounds memory)
+    gsd: str = "auto"  # "auto": resample when outside the model's GSD range; "native"; or metres
 
 
 @dataclass
@@ -61,6 +65,7 @@ class PredictResult:
     model: dict[str, str]
     crs: str
     gsd_m: float
+    model_gsd_m: float | None
     width: int
     height: int
     tiles: dict[str, int]
@@ -226,15 +231,20 @@ class RasterSinks:
             self._writers.append(TiledTiffWriter(self.probs_path, count=classes, dtype="float32", **common))
 
     def __call__(self, strip: Strip) -> None:
-        cls_w, score_w = self._writers[:2]
-        at = dict(row_off=strip.row_off, col_off=strip.col_off)
-        cls_w.write(strip.classes, **at)
         win = np.take_along_axis(strip.probs, np.minimum(strip.classes, strip.probs.shape[-1] - 1)[..., None], -1)[..., 0]
         score = np.where(strip.valid, np.clip(np.rint(win * SCORE_SCALE), 1, SCORE_SCALE), 0).astype(np.uint16)
-        score_w.write(score, **at)
+        probs = np.moveaxis(strip.probs, -1, 0) if self.probs_path else None
+        self.write(strip.row_off, strip.col_off, strip.classes, score, probs, strip.valid)
+
+    def write(self, row_off: int, col_off: int, classes: np.ndarray, score: np.ndarray,
+              probs: np.ndarray | None, valid: np.ndarray) -> None:
+        """Write one window: classes (rows, cols), score (rows, cols), probs (classes, rows, cols)."""
+        at = dict(row_off=row_off, col_off=col_off)
+        self._writers[0].write(classes, **at)
+        self._writers[1].write(score, **at)
         if self.probs_path:
-            self._writers[2].write(np.moveaxis(strip.probs, -1, 0), **at)
-        self.counts += np.bincount(strip.classes[strip.valid].ravel(), minlength=len(self.counts))[: len(self.counts)]
+            self._writers[2].write(probs, **at)
+        self.counts += np.bincount(classes[valid].ravel(), minlength=len(self.counts))[: len(self.counts)]
 
     def close(self) -> None:
         for w in self._writers:
@@ -331,6 +341,80 @@ class Segmentation:
     pixels: dict[str, int]  # pixel count per class
 
 
+MAX_UPSAMPLING = 8.0
+
+
+def working_grid(info: SceneInfo, meta, gsd: str = "auto") -> SceneInfo:
+    """The grid the model runs on: the scene's own, or the scene resampled to the model's GSD.
+
+    ``gsd``: ``"auto"`` resamples only when the scene's GSD is outside the range the model was
+    trained on; ``"native"`` never resamples; a number (metres) forces that GSD.
+    """
+    if gsd == "native":
+        return info
+    if gsd == "auto":
+        if not meta.gsd or not meta.gsd_range or meta.gsd_range[0] <= info.gsd <= meta.gsd_range[1]:
+            return info
+        target = meta.gsd
+    else:
+        try:
+            target = float(gsd)
+        except ValueError:
+            raise InputError(f"--gsd {gsd!r} must be auto, native or a number of metres per pixel") from None
+        if target <= 0:
+            raise InputError(f"--gsd {gsd} must be a positive number of metres per pixel")
+    factor = info.gsd / target
+    if factor > MAX_UPSAMPLING:
+        raise InputError(
+            f"{info.path} has {info.gsd:.3g} m pixels but the model works at {target:.3g} m: upsampling "
+            f"{factor:.0f}x would only invent detail; use a model trained near {info.gsd:.3g} m, "
+            f"or pass --gsd native to run it on the scene as it is"
+        )
+    log.info("reading %s (%.3g m pixels) resampled to %.3g m, the model's GSD; outputs stay on the scene's grid",
+             Path(info.path).name, info.gsd, target)
+    return at_gsd(info, target)
+
+
+def resample_to_scene(work: "Segmentation", info: SceneInfo, out_dir: Path, *, classes: int,
+                      chunk_width: int) -> "Segmentation":
+    """Warp rasters made on a resampled grid back onto the scene's own grid, window by window.
+
+    Classes and scores use nearest neighbour, probabilities bilinear; the scene's own nodata mask
+    is applied at full resolution.
+    """
+    from rasterio.vrt import WarpedVRT
+
+    Resampling = rasterio.enums.Resampling
+    sinks = RasterSinks(info, classes=classes, scratch=out_dir, probs=work.probs_path is not None)
+    sources = [(work.class_path, Resampling.nearest), (work.score_path, Resampling.nearest)]
+    if work.probs_path:
+        sources.append((work.probs_path, Resampling.bilinear))
+    files = [rasterio.open(p) for p, _ in sources]
+    grid = dict(crs=info.crs, transform=info.transform, width=info.width, height=info.height)
+    vrts = [WarpedVRT(f, resampling=r, **grid) for f, (_, r) in zip(files, sources)]
+    try:
+        with SceneReader(info) as reader:
+            for a, b in column_chunks(info.width, chunk_width):
+                for r0 in range(0, info.height, 512):
+                    r1 = min(r0 + 512, info.height)
+                    win = Window(a, r0, b - a, r1 - r0)
+                    valid = reader.read(r0, r1, a, b)[1]
+                    cls = vrts[0].read(1, window=win)
+                    valid &= cls != CLASS_NODATA
+                    cls[~valid] = CLASS_NODATA
+                    score = np.where(valid, vrts[1].read(1, window=win), 0).astype(np.uint16)
+                    probs = np.where(valid, vrts[2].read(window=win), 0).astype(np.float32) if work.probs_path else None
+                    sinks.write(r0, a, cls, score, probs, valid)
+    finally:
+        for handle in [*vrts, *files]:
+            handle.close()
+        sinks.close()
+    return dataclasses.replace(
+        work, info=info, class_path=sinks.class_path, score_path=sinks.score_path, probs_path=sinks.probs_path,
+        pixels={name: int(n) for name, n in zip(work.pixels, sinks.counts)},
+    )
+
+
 def check_options(options: PredictOptions) -> None:
     if options.batch_size <= 0:
         raise InputError(f"--batch-size must be at least 1, got {options.batch_size}")
@@ -362,11 +446,13 @@ def segment(
     """
     check_options(options)
     meta = bundle.meta
-    if meta.gsd_range and not (meta.gsd_range[0] <= info.gsd <= meta.gsd_range[1]):
-        log.warning(
-            "%s has %.3g m pixels; the model %s was trained on %.3g-%.3g m, expect poorer results",
-            info.path, info.gsd, meta.name, *meta.gsd_range,
-        )
+    work = working_grid(info, meta, options.gsd)
+    if work is not info:
+        out_dir = Path(out_dir)
+        (out_dir / "work").mkdir(exist_ok=True)
+        seg = segment(work, bundle, out_dir / "work", options=dataclasses.replace(options, gsd="native"),
+                      probs=probs, progress=progress, timings=timings)
+        return resample_to_scene(seg, info, out_dir, classes=len(meta.classes), chunk_width=options.chunk_width)
     tile_size, overlap = effective_tiling(
         info,
         tile_size=options.tile_size or meta.tile_size,
@@ -491,6 +577,7 @@ def predict(
         outs["probs"] = str(probs_out)
     return PredictResult(
         scene=str(info.path),
+        model_gsd_m=bundle.meta.gsd,
         outputs=outs,
         model={"name": meta.name, "sha256": bundle.sha256, "path": str(bundle.path)},
         crs=info.crs.to_string(),

@@ -186,3 +186,31 @@ def test_probabilities_output_sums_to_one(tmp_path):
         assert ds.count == 3 and ds.descriptions == ("p_background", "p_class1", "p_class2")
     np.testing.assert_allclose(p.sum(0), 1.0, atol=1e-5)
     np.testing.assert_array_equal(p.argmax(0), labels)
+
+
+def test_scene_finer_than_the_model_is_read_at_the_models_gsd_and_written_on_its_own_grid(tmp_path):
+    labels = blocky_labels(256, 192, 4, np.random.default_rng(2), block=32)
+    transform = rasterio.transform.from_origin(500000, 5000000, 0.125, 0.125)
+    scene = write_raster(tmp_path / "fine.tif", labels.astype("uint8")[None], transform=transform)
+    bundle = numpy_bundle(gsd=0.5, gsd_range=(0.4, 0.6))
+    result = predict(scene, tmp_path / "o.gpkg", raster_out=tmp_path / "c.tif", bundle=bundle,
+                     options=PredictOptions(tile_size=32, overlap=8))
+    assert result.tiles["total"] == 6  # 64 x 48 px at 0.5 m (3 x 2 tiles) instead of 256 x 192 at 0.125 m
+    with rasterio.open(tmp_path / "c.tif") as ds:
+        assert ds.shape == (256, 192) and ds.transform == transform
+        classes = ds.read(1)
+    # nearest-neighbour back onto the fine grid: only pixels near block edges may differ
+    assert (classes == labels).mean() > 0.9
+    # --gsd native runs on the scene as it is: exact again
+    predict(scene, tmp_path / "n.gpkg", raster_out=tmp_path / "n.tif", bundle=bundle,
+            options=PredictOptions(tile_size=32, overlap=8, gsd="native"))
+    with rasterio.open(tmp_path / "n.tif") as ds:
+        np.testing.assert_array_equal(ds.read(1), labels)
+
+
+def test_far_coarser_scene_is_refused_rather_than_upsampled(tmp_path):
+    transform = rasterio.transform.from_origin(500000, 5000000, 10.0, 10.0)
+    scene = write_raster(tmp_path / "s2.tif", np.ones((1, 50, 50), np.uint8), transform=transform)
+    with pytest.raises(InputError, match="--gsd native"):
+        predict(scene, tmp_path / "o.gpkg", bundle=numpy_bundle(gsd=0.3, gsd_range=(0.2, 0.5)))
+    assert list(tmp_path.iterdir()) == [scene]

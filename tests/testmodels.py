@@ -11,7 +11,8 @@ from geoseg.models.bundle import Bundle, BundleMeta, ClassInfo
 COLORS = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
 
 
-def onehot_meta(classes: int = 4, bands: int = 1, *, tile_size: int = 64, overlap: int = 16) -> BundleMeta:
+def onehot_meta(classes: int = 4, bands: int = 1, *, tile_size: int = 64, overlap: int = 16, gsd=None,
+                gsd_range=None) -> BundleMeta:
     return BundleMeta(
         name="onehot",
         classes=tuple(ClassInfo(name=("background" if i == 0 else f"class{i}"), color=COLORS[i]) for i in range(classes)),
@@ -24,6 +25,8 @@ def onehot_meta(classes: int = 4, bands: int = 1, *, tile_size: int = 64, overla
         size_multiple=1,
         tile_size=tile_size,
         overlap=overlap,
+        gsd=gsd,
+        gsd_range=gsd_range,
     )
 
 

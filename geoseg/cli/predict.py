@@ -27,6 +27,9 @@ from geoseg.cli.options import (
               show_default=True, help="mixed_bfloat16 is much faster on CPUs with AMX; mixed_float16 on GPUs.")
 @click.option("--min-area", "min_area_m2", type=float, default=None,
               help="Drop polygons smaller than this many m². Default: the model's per-class values.")
+@click.option("--gsd", default="auto", show_default=True, metavar="auto|native|METRES",
+              help="Ground sample distance the model runs at: auto resamples scenes outside the model's "
+                   "training range to its GSD (outputs stay on the scene's grid); native never resamples.")
 @bands_option
 @assume_crs_option
 @overwrite_option
@@ -34,8 +37,8 @@ from geoseg.cli.options import (
 @click.pass_context
 def predict(ctx: click.Context, scene: str, output: str, model: str | None, raster_out: str | None,
             probs_out: str | None, tile_size: int | None, overlap: int | None, batch_size: int, blend: str,
-            precision: str, min_area_m2: float | None, bands: tuple[int, ...] | None, assume_crs: str | None,
-            overwrite: bool, as_json: bool) -> None:
+            precision: str, min_area_m2: float | None, gsd: str, bands: tuple[int, ...] | None,
+            assume_crs: str | None, overwrite: bool, as_json: bool) -> None:
     """Segment SCENE and write polygons per class to a GeoPackage.
 
     \b
@@ -47,7 +50,7 @@ def predict(ctx: click.Context, scene: str, output: str, model: str | None, rast
 
     options = PredictOptions(
         tile_size=tile_size, overlap=overlap, batch_size=batch_size, blend=blend, precision=precision,
-        bands=bands, assume_crs=assume_crs, min_area_m2=min_area_m2,
+        bands=bands, assume_crs=assume_crs, min_area_m2=min_area_m2, gsd=gsd,
     )
     quiet = bool(ctx.obj.get("quiet"))
     bar = None
