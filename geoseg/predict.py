@@ -497,11 +497,11 @@ def predict(
     for path, what in ((raster_out, "--raster-out"), (probs_out, "--probs-out")):
         if path is not None and Path(path).suffix.lower() not in (".tif", ".tiff"):
             raise InputError(f"{what} {path}: raster outputs are GeoTIFFs; use a name ending in .tif")
+    info = open_scene(scene, bands=options.bands, assume_crs=options.assume_crs)
     # Fail on outputs before any heavy work.
     for path in (output, raster_out, probs_out):
         if path is not None:
             check_output(path, overwrite=overwrite)
-    info = open_scene(scene, bands=options.bands, assume_crs=options.assume_crs)
     if bundle is None:
         bundle = load_model_for(model, options)
     meta = bundle.meta

@@ -111,3 +111,23 @@ def test_help_is_instant_and_does_not_import_keras():
     code = "import sys; from geoseg.cli import cli; cli(['--help'], standalone_mode=False); print('keras' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
+
+
+def test_real_entry_point_keeps_stderr_to_geoseg_lines(tmp_path):
+    """The installed `geoseg` script: TensorFlow's native start-up chatter does not reach stderr."""
+    import shutil
+
+    from tests.testmodels import random_unet_bundle
+
+    exe = shutil.which("geoseg") or str(__import__("pathlib").Path(sys.executable).with_name("geoseg"))
+    model = random_unet_bundle(tmp_path / "u.keras", bands=1, classes=2, width=4, depth=2)
+    scene = write_raster(tmp_path / "s.tif", np.random.default_rng(0).integers(0, 255, (1, 40, 50)).astype("uint8"))
+    proc = subprocess.run([exe, "predict", str(scene), "-o", str(tmp_path / "o.gpkg"), "--model", str(model), "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["outputs"]["gpkg"].endswith("o.gpkg")
+    for line in proc.stderr.splitlines():
+        assert line.startswith(("INFO:", "WARNING:")), proc.stderr
+    proc = subprocess.run([exe, "predict", str(tmp_path / "missing.tif"), "-o", str(tmp_path / "x.gpkg")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("Error: ")

@@ -8,6 +8,7 @@ Keras is never imported here, so ``geoseg --help`` is instant.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
@@ -47,6 +48,8 @@ def _register() -> None:
 
     cli.add_command(predict.predict)
     cli.add_command(models.models)
+    from geoseg.cli import train; cli.add_command(train.train)
+    from geoseg.cli.evaluate import evaluate; cli.add_command(evaluate)
 
 
 _register()
@@ -56,7 +59,28 @@ def _sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _silence_native_stderr() -> None:
+    """Keep TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) off the terminal.
+
+    Those lines are written straight to file descriptor 2 and ignore TF_CPP_MIN_LOG_LEVEL, so fd 2
+    is pointed at /dev/null while Python's own stderr (logs, errors, progress bars) moves to a copy of
+    the real one. Set GEOSEG_NATIVE_LOGS=1 to see the native messages.
+    """
+    if os.environ.get("GEOSEG_NATIVE_LOGS") == "1":
+        return
+    try:
+        sys.stderr.flush()
+        real = os.dup(2)
+        sys.stderr = os.fdopen(real, "w", buffering=1, encoding=sys.stderr.encoding or "utf-8", errors="replace")
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real stderr (embedded, closed): leave it
+        pass
+
+
 def main() -> None:
     """Entry point: SIGTERM behaves like Ctrl-C, so temporary files are removed either way."""
     signal.signal(signal.SIGTERM, _sigterm)
+    _silence_native_stderr()
     cli(prog_name="geoseg")
