@@ -134,6 +134,17 @@ class LabelReader:
             )
         return np.asarray(ids, dtype=np.int32)
 
+    @property
+    def kind(self) -> str:
+        """``"vector"`` or ``"raster"``."""
+        return self._kind
+
+    def objects(self) -> tuple[np.ndarray, np.ndarray]:
+        """The label polygons (repaired, in the scene's CRS) and their class ids; vectors only."""
+        if self._kind != "vector":
+            raise ValueError("objects() is for vector labels; polygonize a label raster instead")
+        return self._geoms, self._ids
+
     # --- rasters -----------------------------------------------------------------------------
 
     def _open_raster(self, value_map: Mapping[int, int] | None) -> None:
@@ -150,9 +161,12 @@ class LabelReader:
             else:
                 raise InputError(f"label raster {self.path} has no CRS and is not the image's size; georeference it")
         else:
+            # Without a nodata value the warped raster would call pixels outside the labels valid
+            # (class 0); an alpha band marks them, so they read as IGNORE.
             self._ds = WarpedVRT(self._src, crs=self.grid.crs, transform=self.grid.transform,
                                  width=self.grid.width, height=self.grid.height,
-                                 resampling=rasterio.enums.Resampling.nearest)
+                                 resampling=rasterio.enums.Resampling.nearest,
+                                 add_alpha=self._src.nodata is None)
         self._map = None
         if value_map:
             lut = np.arange(256, dtype=np.uint8)

@@ -56,6 +56,7 @@ class PredictOptions:
     prefetch: int = 2
     chunk_width: int = 8192  # scenes wider than this are blended in column chunks (bounds memory)
     gsd: str = "auto"  # "auto": resample when outside the model's GSD range; "native"; or metres
+    stretch: str = "auto"  # "auto": match value ranges when the scene's dtype differs from the model's; "none"
 
 
 @dataclass
@@ -118,6 +119,27 @@ def effective_tiling(info: SceneInfo, *, tile_size: int, overlap: int, multiple:
     return tile_size, overlap
 
 
+def value_stretch(info: SceneInfo, meta, mode: str = "auto") -> tuple[float, float] | None:
+    """``(scale, offset)`` mapping the scene's pixel values onto the range the model was trained on.
+
+    With ``auto`` this happens only when the scene's data type differs from the training imagery's
+    (for example 11-bit WorldView data in uint16 on a model trained on uint8 photos): the scene's
+    2nd-98th percentiles are mapped linearly onto the training data's. ``none`` feeds values as they are.
+    """
+    if mode not in ("auto", "none"):
+        raise InputError(f"--stretch {mode!r} must be auto or none")
+    if mode == "none" or not meta.value_range or not meta.dtype or info.dtype == meta.dtype:
+        return None
+    from geoseg.scene import value_percentiles
+
+    lo, hi = value_percentiles(info)
+    tlo, thi = meta.value_range
+    scale = (thi - tlo) / (hi - lo)
+    log.info("%s is %s, the model was trained on %s: stretching values %.4g-%.4g onto %.4g-%.4g (--stretch none to turn off)",
+             Path(info.path).name, info.dtype, meta.dtype, lo, hi, tlo, thi)
+    return (scale, tlo - lo * scale)
+
+
 def iter_batches(
     info: SceneInfo,
     tiles: list[Tile],
@@ -126,6 +148,7 @@ def iter_batches(
     fill: np.ndarray,
     repeat: int,
     skipped: list[int],
+    stretch: tuple[float, float] | None = None,
 ) -> Iterator[Batch]:
     """Read the scene strip by strip and yield fixed-shape batches of the tiles that have data."""
     if not tiles:
@@ -158,6 +181,8 @@ def iter_batches(
                     skipped.append(t.index)
                     continue
                 x = data[:, c : c + size].astype(np.float32)
+                if stretch is not None:
+                    x = x * np.float32(stretch[0]) + np.float32(stretch[1])
                 if repeat > 1:
                     x = np.repeat(x, repeat, axis=-1)
                 x[~v] = fill  # invalid pixels become the band means: 0 after normalisation
@@ -289,6 +314,7 @@ def run_model(
     fill = np.asarray(meta.mean, dtype=np.float32)
     window = weight_window(tile_size, kind=options.blend, overlap=overlap)
     chunks = column_chunks(info.width, options.chunk_width)
+    stretch = value_stretch(info, meta, options.stretch)
     timings = timings if timings is not None else {}
     t_model = t_blend = 0.0
     skipped: set[int] = set()
@@ -302,7 +328,7 @@ def run_model(
         )
         chunk_skipped: list[int] = []
         gen = iter_batches(info, chunk_tiles, batch_size=options.batch_size, fill=fill, repeat=repeat,
-                           skipped=chunk_skipped)
+                           skipped=chunk_skipped, stretch=stretch)
         for batch in prefetch(gen, options.prefetch):
             t0 = time.perf_counter()
             logits = np.asarray(bundle.model.predict_on_batch(batch.x), dtype=np.float32)

@@ -284,3 +284,29 @@ def at_gsd(info: SceneInfo, gsd: float) -> SceneInfo:
     t = info.transform
     transform = rasterio.Affine(t.a * info.width / width, 0, t.c, 0, t.e * info.height / height, t.f)
     return dataclasses.replace(info, width=width, height=height, transform=transform, gsd=gsd, resampled=True)
+
+
+def value_percentiles(info: SceneInfo, q: tuple[float, float] = (2.0, 98.0), *, max_side: int = 1024) -> tuple[float, float]:
+    """Percentiles of the valid pixel values of all image bands, from a decimated read.
+
+    The scene is read at most ``max_side`` pixels on its longer side (GDAL picks overviews when
+    there are any), so this costs little even for a huge scene.
+    """
+    with open_dataset(info.path) as ds:
+        scale = max(1.0, max(ds.width, ds.height) / max_side)
+        shape = (max(1, int(ds.height / scale)), max(1, int(ds.width / scale)))
+        try:
+            data = ds.read(list(info.bands), out_shape=(len(info.bands), *shape), masked=True)
+        except RasterioError as exc:
+            raise InputError(
+                f"{info.path}: reading an overview failed ({_first_line(exc)}); the file is truncated or "
+                f"corrupted, re-download or re-export it"
+            ) from exc
+    values = data.compressed().astype(np.float64)
+    values = values[np.isfinite(values)]
+    if info.nodata is not None and not math.isnan(info.nodata):
+        values = values[values != info.nodata]
+    if values.size == 0:
+        return (0.0, 1.0)
+    lo, hi = np.percentile(values, q)
+    return (float(lo), float(hi) if hi > lo else float(lo) + 1.0)

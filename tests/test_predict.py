@@ -214,3 +214,20 @@ def test_far_coarser_scene_is_refused_rather_than_upsampled(tmp_path):
     with pytest.raises(InputError, match="--gsd native"):
         predict(scene, tmp_path / "o.gpkg", bundle=numpy_bundle(gsd=0.3, gsd_range=(0.2, 0.5)))
     assert list(tmp_path.iterdir()) == [scene]
+
+
+def test_uint16_scene_on_a_uint8_model_is_stretched_onto_its_value_range(tmp_path):
+    labels = blocky_labels(60, 70, 4, np.random.default_rng(4), block=10)
+    # 11-bit style data: class k stored as 400 + 100 k; the uint8 model saw class k as value k
+    scene = write_raster(tmp_path / "u16.tif", (400 + 100 * labels).astype("uint16")[None])
+    meta_kw = dict(classes=4)
+    bundle = numpy_bundle(**meta_kw)
+    object.__setattr__(bundle, "meta", __import__("dataclasses").replace(bundle.meta, dtype="uint8", value_range=(0.0, 3.0)))
+    predict(scene, tmp_path / "o.gpkg", raster_out=tmp_path / "c.tif", bundle=bundle,
+            options=PredictOptions(tile_size=32, overlap=8))
+    with rasterio.open(tmp_path / "c.tif") as ds:
+        assert (ds.read(1) == labels).mean() > 0.99
+    predict(scene, tmp_path / "n.gpkg", raster_out=tmp_path / "n.tif", bundle=bundle,
+            options=PredictOptions(tile_size=32, overlap=8, stretch="none"))
+    with rasterio.open(tmp_path / "n.tif") as ds:
+        assert (ds.read(1) == 3).all()  # raw values 400+ clip to the last class

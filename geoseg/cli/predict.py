@@ -30,6 +30,9 @@ from geoseg.cli.options import (
 @click.option("--gsd", default="auto", show_default=True, metavar="auto|native|METRES",
               help="Ground sample distance the model runs at: auto resamples scenes outside the model's "
                    "training range to its GSD (outputs stay on the scene's grid); native never resamples.")
+@click.option("--stretch", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
+              help="auto: when the scene's data type differs from the model's training imagery (e.g. uint16 "
+                   "satellite data, uint8 model), map its 2-98 % value range onto the model's.")
 @bands_option
 @assume_crs_option
 @overwrite_option
@@ -37,7 +40,7 @@ from geoseg.cli.options import (
 @click.pass_context
 def predict(ctx: click.Context, scene: str, output: str, model: str | None, raster_out: str | None,
             probs_out: str | None, tile_size: int | None, overlap: int | None, batch_size: int, blend: str,
-            precision: str, min_area_m2: float | None, gsd: str, bands: tuple[int, ...] | None,
+            precision: str, min_area_m2: float | None, gsd: str, stretch: str, bands: tuple[int, ...] | None,
             assume_crs: str | None, overwrite: bool, as_json: bool) -> None:
     """Segment SCENE and write polygons per class to a GeoPackage.
 
@@ -50,7 +53,7 @@ def predict(ctx: click.Context, scene: str, output: str, model: str | None, rast
 
     options = PredictOptions(
         tile_size=tile_size, overlap=overlap, batch_size=batch_size, blend=blend, precision=precision,
-        bands=bands, assume_crs=assume_crs, min_area_m2=min_area_m2, gsd=gsd,
+        bands=bands, assume_crs=assume_crs, min_area_m2=min_area_m2, gsd=gsd, stretch=stretch,
     )
     quiet = bool(ctx.obj.get("quiet"))
     bar = None

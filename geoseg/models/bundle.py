@@ -151,6 +151,11 @@ class BundleMeta:
     overlap: int = 128
     gsd: float | None = None  # training ground sample distance, metres/pixel
     gsd_range: tuple[float, float] | None = None
+    # The training imagery's data type and its 2nd-98th percentile of pixel values (all bands): a
+    # scene of another type (uint16 satellite data on a model trained on uint8 photos) is stretched
+    # linearly so that its own 2nd-98th percentiles land on this range.
+    dtype: str = ""
+    value_range: tuple[float, float] | None = None
     description: str = ""
     format_version: int = FORMAT_VERSION
     geoseg_version: str = geoseg.__version__
@@ -232,6 +237,13 @@ class BundleMeta:
             if len(rng) != 2 or not 0 < rng[0] <= rng[1]:
                 raise _fail(f"gsd_range must be [min, max] with 0 < min <= max, got {self.gsd_range!r}")
             set_(self, "gsd_range", rng)
+        if not isinstance(self.dtype, str):
+            raise _fail(f"dtype must be a string such as 'uint8', got {self.dtype!r}")
+        if self.value_range is not None:
+            vr = tuple(_as_float("value_range", v) for v in _as_tuple("value_range", self.value_range))
+            if len(vr) != 2 or not vr[0] < vr[1]:
+                raise _fail(f"value_range must be [low, high] with low < high, got {self.value_range!r}")
+            set_(self, "value_range", vr)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -249,6 +261,8 @@ class BundleMeta:
             d[key] = list(d[key])
         if self.gsd_range is not None:
             d["gsd_range"] = list(self.gsd_range)
+        if self.value_range is not None:
+            d["value_range"] = list(self.value_range)
         d["arch_config"] = dict(self.arch_config)
         return d
 
