@@ -44,12 +44,12 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
 
 
 def _register() -> None:
-    from geoseg.cli import evaluate, models, predict
+    from geoseg.cli import evaluate, models, predict, train
 
     cli.add_command(predict.predict)
+    cli.add_command(train.train)
     cli.add_command(evaluate.evaluate)
     cli.add_command(models.models)
-    from geoseg.cli import train; cli.add_command(train.train)  # noqa: E702
 
 
 _register()

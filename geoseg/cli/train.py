@@ -1,0 +1,197 @@
+"""geoseg train --images A.tif ... --labels A.gpkg ... -o MODEL.keras (or --config run.toml)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from geoseg.cli.options import echo_json, json_option, logger, overwrite_option, parse_bands
+from geoseg.errors import InputError
+
+
+class ManyValues(click.Option):
+    """An option that takes every following value up to the next option: ``--images A.tif B.tif``.
+
+    Repeating the option (``--images A.tif --images B.tif``) works too. It relies on click's parser
+    internals; if those change, only the repeated form is lost, not the option.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("multiple", True)
+        super().__init__(*args, **kwargs)
+
+    def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
+        super().add_to_parser(parser, ctx)
+        option = None
+        for name in self.opts:
+            option = getattr(parser, "_long_opt", {}).get(name) or getattr(parser, "_short_opt", {}).get(name)
+            if option is not None:
+                break
+        if option is None or not hasattr(option, "process"):
+            return
+        previous = option.process
+
+        def process(value: Any, state: Any) -> None:
+            previous(value, state)
+            while state.rargs and not state.rargs[0].startswith("-"):
+                previous(state.rargs.pop(0), state)
+
+        option.process = process
+
+
+def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give numbers separated by commas", param_hint=name) from None
+
+
+@click.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="TOML file of these options (keys as the option names); options given here override it; "
+                   "relative paths in it are relative to its folder.")
+@click.option("--images", cls=ManyValues, metavar="A.tif B.tif ...", help="Training images (GeoTIFF).")
+@click.option("--labels", cls=ManyValues, metavar="A.gpkg B.gpkg ...",
+              help="Labels, one per image in the same order: vectors (any CRS) or class-id/mask rasters.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Model bundle to write (.keras): the best epoch by validation IoU.")
+@click.option("--classes", default="background,building", show_default=True, metavar="NAME[:#RRGGBB],...",
+              help="Class names, background first; optional colour and minimum polygon area "
+                   "(name:#rrggbb:m2).")
+@click.option("--label-field", default="class", show_default=True, help="Vector attribute holding the class name or id.")
+@click.option("--line-width", type=float, default=None, metavar="METRES", help="Width to buffer line and point labels to.")
+@click.option("--bands", default=None, metavar="I,J,K", help="Scene bands to train on, 1-based (default: all but alpha).")
+@click.option("--gsd", type=float, default=None, metavar="METRES",
+              help="Train at this ground sample distance (m/px). Default: the first image's.")
+@click.option("--val-images", cls=ManyValues, metavar="V.tif ...", help="Whole scenes held out for validation.")
+@click.option("--val-labels", cls=ManyValues, metavar="V.gpkg ...", help="Labels of --val-images, in order.")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True,
+              help="Without --val-images: hold back this fraction of each scene (one block at its end, "
+                   "a gap of one chip from training).")
+@click.option("--chip-size", type=int, default=256, show_default=True, help="Training chip size in pixels.")
+@click.option("--chip-stride", type=int, default=None, help="Step between candidate chips. Default: half a chip.")
+@click.option("--min-labelled", type=float, default=0.5, show_default=True,
+              help="Skip chips with a smaller fraction of valid, labelled pixels.")
+@click.option("--arch", type=click.Choice(["unet", "segnet"]), default="unet", show_default=True)
+@click.option("--width", type=int, default=16, show_default=True, help="Channels of the first level.")
+@click.option("--depth", type=int, default=4, show_default=True, help="Number of 2x poolings.")
+@click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16"]), default="float32", show_default=True,
+              help="mixed_bfloat16 is faster on CPUs with AMX (the loss stays float32).")
+@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--steps-per-epoch", type=int, default=None, help="Batches per epoch. Default: one pass over the chips.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (warm-up, then cosine decay).")
+@click.option("--warmup-steps", type=int, default=None, help="Warm-up steps. Default: 5 % of all steps, at most 500.")
+@click.option("--loss", default="ce+dice", show_default=True, help="ce, dice, focal or sums like ce+dice, 0.5*focal+dice.")
+@click.option("--class-weights", default=None, metavar="W0,W1,...", help="One weight per class for the loss.")
+@click.option("--patience", type=int, default=10, show_default=True,
+              help="Stop after this many epochs without a better validation IoU (0: never).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--flips/--no-flips", default=True, show_default=True, help="Random flips and 90° turns.")
+@click.option("--scale-jitter", type=float, default=1.6, show_default=True,
+              help="Chip scale drawn from [1/s, s]; the bundle's GSD range is gsd/s..gsd*s (1: off).")
+@click.option("--brightness", type=float, default=0.2, show_default=True, help="Gain drawn from [1-b, 1+b].")
+@click.option("--contrast", type=float, default=0.2, show_default=True, help="Contrast drawn from [1-c, 1+c].")
+@click.option("--grayscale", type=float, default=0.2, show_default=True,
+              help="Probability of a grayscale chip (so the model also serves panchromatic imagery).")
+@click.option("--blur", type=float, default=0.2, show_default=True,
+              help="Probability of losing resolution (down 1-3x and back up).")
+@click.option("--tile-size", type=int, default=512, show_default=True, help="Default tile size stored for predict.")
+@click.option("--overlap", type=int, default=128, show_default=True, help="Default overlap stored for predict.")
+@click.option("--name", default=None, help="Model name in the bundle. Default: the output's file name.")
+@click.option("--description", default="", help="Description stored in the bundle (data, licences).")
+@click.option("--max-minutes", type=float, default=None,
+              help="Stop after the epoch that would pass this wall-clock budget.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from the state beside -o.")
+@overwrite_option
+@json_option
+@click.pass_context
+def train(ctx: click.Context, config_path: str | None, **opts: Any) -> None:
+    """Train a segmentation model on labelled scenes and save the best epoch as a bundle.
+
+    \b
+    geoseg train --images a.tif b.tif --labels a.gpkg b.gpkg -o buildings.keras
+    geoseg train --config configs/buildings.toml --precision mixed_bfloat16
+    geoseg train --config configs/buildings.toml --resume
+    """
+    from geoseg.training import Augment, TrainConfig, read_config
+    from geoseg.training import train as run
+
+    values = dict(opts)
+    config: dict[str, Any] = {}
+    if config_path:
+        config = read_config(config_path)
+        for key, value in config.items():
+            if ctx.get_parameter_source(key) in (ParameterSource.DEFAULT, None):
+                values[key] = value
+    for key in ("images", "labels", "val_images", "val_labels"):
+        values[key] = tuple(values.get(key) or ())
+    if isinstance(values.get("bands"), str):
+        values["bands"] = parse_bands(ctx, None, values["bands"])
+    if values.get("bands") is not None:
+        values["bands"] = tuple(int(b) for b in values["bands"])
+    if isinstance(values.get("class_weights"), str):
+        values["class_weights"] = _floats(values["class_weights"], "--class-weights")
+    output = values.pop("output")
+    if not output:
+        raise InputError("no output given; pass -o MODEL.keras (or output = \"...\" in --config)")
+    resume, overwrite, as_json = values.pop("resume"), values.pop("overwrite"), values.pop("as_json")
+    aug_keys = [f for f in Augment.__dataclass_fields__]
+    augment = Augment(**{k: values.pop(k) for k in aug_keys})
+    if isinstance(values.get("classes"), str):
+        values["classes"] = tuple(v.strip() for v in values["classes"].split(",") if v.strip())
+    if resume:  # the interrupted run's settings; only these may change (given here or in --config)
+        from geoseg.training import resumed_config
+
+        cfg = resumed_config(output)
+        changes = {k: values[k] for k in ("epochs", "patience", "max_minutes")
+                   if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None) or k in config}
+        cfg = dataclasses.replace(cfg, **changes)
+    else:
+        cfg = TrainConfig(**values, augment=augment)
+
+    quiet = bool(ctx.obj.get("quiet"))
+    bar = None
+
+    def progress(event: Any) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=event.epochs * event.steps, initial=(event.epoch - 1) * event.steps, desc="train",
+                       unit="step", file=sys.stderr, leave=False, disable=quiet or not sys.stderr.isatty(),
+                       dynamic_ncols=True)
+        if event.kind == "step":
+            bar.update(1)
+            bar.set_postfix(epoch=f"{event.epoch}/{event.epochs}", loss=f"{event.loss:.4f}", refresh=False)
+        else:
+            bar.set_postfix(epoch=f"{event.epoch}/{event.epochs}", loss=f"{event.loss:.4f}",
+                            val_iou=f"{event.metrics.get('val_miou', float('nan')):.3f}")
+
+    try:
+        result = run(cfg, output, resume=resume, overwrite=overwrite, progress=progress)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        from geoseg.training import resume_dir_for
+
+        state = resume_dir_for(output)
+        if (state / "state.json").is_file():
+            click.echo(f"Error: interrupted; the last complete epoch is saved in {state}: continue with --resume", err=True)
+        else:
+            click.echo("Error: interrupted before the first epoch ended; nothing was written", err=True)
+        sys.exit(130)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    logger().info("wrote %s (best epoch %d of %d, val IoU %s; %s) and %s in %.0f s", result.output, result.best_epoch,
+                  result.epochs_run, result.best_val_miou, result.stopped, result.log, result.seconds)

@@ -1,0 +1,406 @@
+"""geoseg train: chips held out by area, augmentation, losses that ignore 255, a tiny U-Net that
+learns, bundles that load and predict, the CSV log, resume, config files and one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import shapely
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rasterio.transform import from_origin
+
+from geoseg.errors import GeosegError, InputError
+from geoseg.labels import IGNORE
+from geoseg.training import (
+    Augment,
+    ChipSampler,
+    Rect,
+    SceneData,
+    TrainConfig,
+    augment_batch,
+    chip_windows,
+    labelled_fraction,
+    log_path_for,
+    make_loss,
+    parse_classes,
+    parse_loss,
+    read_config,
+    resize_image,
+    resume_dir_for,
+    split_scene,
+    train,
+    validation_windows,
+)
+from tests.conftest import write_raster
+
+keras = pytest.importorskip("keras")
+ORIGIN = (500000, 5000000)
+TINY = dict(width=8, depth=2, chip_size=32, batch_size=8, lr=0.01, seed=3)
+
+
+def make_scene(folder, name, seed, *, size=192, n=30, crs="EPSG:32633", offset=(0, 0)):
+    """A uint8 RGB scene of dark noise with bright rectangles (buildings) and their polygons."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(30, 90, size=(3, size, size)).astype("uint8")
+    t = from_origin(ORIGIN[0] + offset[0], ORIGIN[1] + offset[1], 0.5, 0.5)
+    boxes = []
+    for _ in range(n):
+        h, w = rng.integers(6, 18, 2)
+        r, c = rng.integers(0, size - 18, 2)
+        img[:, r : r + h, c : c + w] = rng.integers(170, 230)
+        (x0, y0), (x1, y1) = t * (c, r), t * (c + w, r + h)
+        boxes.append(shapely.box(x0, y1, x1, y0))
+    write_raster(folder / f"{name}.tif", img, transform=t)
+    gpd.GeoDataFrame({"class": ["building"] * n}, geometry=boxes, crs="EPSG:32633").to_crs(crs).to_file(folder / f"{name}.gpkg")
+    return folder / f"{name}.tif", folder / f"{name}.gpkg"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scenes")
+    a = make_scene(folder, "a", 0)
+    b = make_scene(folder, "b", 1, crs="EPSG:4326")  # labels in another CRS: reprojected
+    return folder, [a, b]
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    _, scenes = data
+    out = tmp_path_factory.mktemp("model") / "tiny.keras"
+    cfg = TrainConfig(images=[str(s[0]) for s in scenes], labels=[str(s[1]) for s in scenes], epochs=6,
+                      steps_per_epoch=40, **TINY)
+    events = []
+    result = train(cfg, out, progress=events.append)
+    return out, result, events
+
+
+# --- learning, bundle, log ---------------------------------------------------------------------
+
+
+def test_a_tiny_unet_learns_and_the_best_epoch_becomes_a_bundle_that_predicts(trained, data, tmp_path):
+    out, result, events = trained
+    assert result.val_iou["building"] > 0.6  # chance (everything "building") is about 0.1
+    assert result.best_val_miou == result.val_iou["building"]
+    assert result.stopped == "completed" and result.epochs_run == 6 and result.resumed_from == 0
+    assert [e.epoch for e in events if e.kind == "epoch"] == [1, 2, 3, 4, 5, 6]
+    assert sum(e.kind == "step" for e in events) == 6 * 40
+    assert not resume_dir_for(out).exists()  # removed once the bundle is written
+
+    from geoseg.models import load_bundle
+    from geoseg.predict import PredictOptions, segment
+    from geoseg.scene import open_scene
+
+    bundle = load_bundle(out)
+    meta = bundle.meta
+    assert meta.class_names == ("background", "building") and meta.colors[1] == (230, 25, 75)
+    assert meta.bands == ("red", "green", "blue") and meta.size_multiple == 4
+    assert meta.gsd == pytest.approx(0.5, rel=0.01) and meta.gsd_range == pytest.approx((meta.gsd / 1.6, meta.gsd * 1.6))
+    assert 30 < meta.mean[0] < 120 and meta.std[0] > 10  # statistics of the training pixels
+    assert (meta.tile_size, meta.overlap) == (512, 128)
+    assert result.sha256 == bundle.sha256
+
+    folder, scenes = data
+    info = open_scene(scenes[0][0])
+    seg = segment(info, bundle, tmp_path, options=PredictOptions(tile_size=64, overlap=16))
+    import rasterio
+
+    from geoseg.labels import LabelReader
+
+    with rasterio.open(seg.class_path) as ds:
+        pred = ds.read(1)
+    truth = LabelReader(scenes[0][1], info, class_names=meta.class_names).read(0, info.height, 0, info.width)
+    inter = ((pred == 1) & (truth == 1)).sum()
+    union = ((pred == 1) | (truth == 1)).sum()
+    assert inter / union > 0.6
+
+
+def test_the_csv_log_has_one_row_per_epoch(trained):
+    out, result, _ = trained
+    with open(log_path_for(out)) as f:
+        rows = list(csv.DictReader(f))
+    assert log_path_for(out).name == "tiny.log.csv" and result.log == str(log_path_for(out))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert set(rows[0]) == {"epoch", "train_loss", "val_loss", "val_iou_background", "val_iou_building", "val_miou",
+                            "lr", "seconds"}
+    best = max(rows, key=lambda r: float(r["val_miou"]))
+    assert int(best["epoch"]) == result.best_epoch
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert float(rows[-1]["lr"]) < float(rows[1]["lr"])  # cosine decay
+
+
+def _rows(path):
+    with open(path) as f:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+
+
+def test_resume_continues_from_the_saved_epoch_and_matches_an_uninterrupted_run(data, tmp_path):
+    from geoseg.models import load_bundle
+
+    _, scenes = data
+    cfg = TrainConfig(images=[str(scenes[0][0])], labels=[str(scenes[0][1])], epochs=3, steps_per_epoch=5, **TINY)
+    reference = train(cfg, tmp_path / "ref.keras")
+
+    out = tmp_path / "run.keras"
+
+    def interrupt(event):
+        if event.epoch == 3 and event.kind == "step":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, progress=interrupt)
+    assert not out.exists()  # no half-written bundle
+    state = json.loads((resume_dir_for(out) / "state.json").read_text())
+    assert state["epoch"] == 2 and len(_rows(log_path_for(out))) == 2
+    with pytest.raises(GeosegError, match="--resume"):
+        train(cfg, out)  # a fresh start would clobber the state
+
+    result = invoke("train", "--resume", "-o", out, "--json")  # the settings come from the saved state
+    assert result.exit_code == 0, result.output
+    resumed = json.loads(result.stdout)
+    assert resumed["resumed_from"] == 2 and resumed["epochs_run"] == 3 and not resume_dir_for(out).exists()
+    assert _rows(log_path_for(out)) == _rows(reference.log)
+    a, b = load_bundle(out).model, load_bundle(tmp_path / "ref.keras").model
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="no saved state"):
+        train(cfg, out, resume=True)
+
+
+# --- splitting by area ---------------------------------------------------------------------------
+
+
+def _overlap_gap(a, b):
+    """Distance in pixels between two rectangles (0 when they touch or overlap)."""
+    dr = max(a[0] - b[1], b[0] - a[1], 0)
+    dc = max(a[2] - b[3], b[2] - a[3], 0)
+    return max(dr, dc)
+
+
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(8, 400), w=st.integers(8, 400), frac=st.sampled_from([0.1, 0.2, 0.35, 0.5]),
+       chip=st.sampled_from([16, 32, 64]), scale=st.floats(1 / 1.8, 1.8), shift=st.tuples(st.floats(-40, 40), st.floats(-40, 40)))
+def test_training_chips_never_reach_the_validation_area_or_its_gap(h, w, frac, chip, scale, shift):
+    train_rects, val_rects = split_scene(0, h, w, val_fraction=frac, gap=chip)
+    if not val_rects:
+        assert train_rects == [Rect(0, 0, h, 0, w)] and (max(h, w) - max(1, round(max(h, w) * frac)) - chip) < chip
+        return
+    (t,), (v,) = train_rects, val_rects
+    assert v.height * v.width > 0
+    scene = SceneData("s", np.zeros((h, w, 1), np.uint8), np.zeros((h, w), np.uint8), ("b",), 1.0)
+    stride = chip // 2
+    windows = [win for r in train_rects for win in chip_windows(r, (h, w), chip=chip, stride=stride)]
+    sampler = ChipSampler([scene], train_rects, windows, chip=chip, stride=stride, augment=Augment(), lo=np.zeros(1), hi=np.ones(1))
+    vbox = (v.r0, v.r1, v.c0, v.c1)
+    for win in windows:
+        _, r, c = win
+        assert _overlap_gap((r, r + chip, c, c + chip), vbox) >= chip
+        _, r0, c0, k = sampler.crop_window(win, scale, shift)  # scale-jittered crops too
+        assert _overlap_gap((r0, r0 + k, c0, c0 + k), vbox) >= chip
+    # validation windows score every validation pixel exactly once
+    counts = np.zeros((h + 2 * chip, w + 2 * chip), int)
+    for _, r, c in validation_windows(v, chip=chip):
+        r1, c1 = min(r + chip, v.r1), min(c + chip, v.c1)
+        counts[r:r1, c:c1] += 1
+    assert counts[v.r0 : v.r1, v.c0 : v.c1].min() == 1 and counts.sum() == v.height * v.width
+
+
+def test_chip_windows_cover_the_area_with_overlap_and_skip_unlabelled_chips():
+    windows = chip_windows(Rect(0, 0, 100, 0, 70), (100, 70), chip=32, stride=16)
+    rows = sorted({r for _, r, _ in windows})
+    assert rows[0] == 0 and rows[-1] == 100 - 32 and all(b - a <= 16 for a, b in zip(rows, rows[1:]))
+    labels = np.zeros((100, 70), np.uint8)
+    labels[:50] = IGNORE
+    frac = labelled_fraction(labels, [(0, 0), (50, 0), (34, 0)], 32)
+    np.testing.assert_allclose(frac, [0.0, 1.0, 16 / 32])
+    # a scene smaller than a chip still gives one (padded) chip
+    assert chip_windows(Rect(0, 0, 20, 0, 20), (20, 20), chip=32, stride=16) == [(0, -6, -6)]
+
+
+# --- augmentation ----------------------------------------------------------------------------------
+
+
+def test_augmentation_keeps_labels_aligned_and_is_seeded():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, size=(16, 24, 24)).astype(np.uint8)
+    x = np.repeat(y[..., None].astype(np.float32), 3, axis=-1) * 50 + 10
+    geometric = Augment(brightness=0, contrast=0, grayscale=0, blur=0)
+    xa, ya = augment_batch(x.copy(), y.copy(), np.random.default_rng(1), geometric, lo=np.zeros(3), hi=np.full(3, 255.0))
+    np.testing.assert_array_equal((xa[..., 0] - 10) / 50, ya)  # labels follow flips and turns
+    assert not np.array_equal(ya, y)
+    full = Augment(grayscale=1.0)
+    a1 = augment_batch(x.copy(), y.copy(), np.random.default_rng(5), full, lo=np.zeros(3), hi=np.full(3, 255.0))
+    a2 = augment_batch(x.copy(), y.copy(), np.random.default_rng(5), full, lo=np.zeros(3), hi=np.full(3, 255.0))
+    np.testing.assert_array_equal(a1[0], a2[0])
+    assert np.ptp(a1[0], axis=-1).max() == 0  # grayscale: every band equal
+    assert a1[0].min() >= 0 and a1[0].max() <= 255
+
+
+def test_resize_keeps_constants_and_averages_when_shrinking():
+    img = np.full((40, 40, 2), 7.0, np.float32)
+    np.testing.assert_allclose(resize_image(img, 25, 25), 7.0, rtol=1e-6)
+    np.testing.assert_allclose(resize_image(img, 64, 64), 7.0, rtol=1e-6)
+    stripes = np.zeros((40, 40, 1), np.float32)
+    stripes[:, ::2] = 1.0
+    half = resize_image(stripes, 40, 20)
+    assert np.abs(half - 0.5).max() < 0.3  # averaged, not aliased to all 0 or all 1
+
+
+# --- losses ---------------------------------------------------------------------------------------
+
+
+def _loss(spec, y, logits, weights=None):
+    return float(make_loss(spec, logits.shape[-1], weights)(np.asarray(y), np.asarray(logits, np.float32)))
+
+
+def test_losses_on_hand_made_examples():
+    y = np.array([[[0, 1]]])  # (1, 1, 2)
+    flat = np.zeros((1, 1, 2, 2))
+    assert _loss("ce", y, flat) == pytest.approx(math.log(2))
+    assert _loss("focal", y, flat) == pytest.approx(0.25 * math.log(2))  # (1 - 0.5)^2 * log 2
+    # dice: p = 0.5 everywhere; per class inter 0.5, sums 1 + 1 -> (1 + 1) / (2 + 1)
+    assert _loss("dice", y, flat) == pytest.approx(1 - 2 / 3)
+    sure = np.array([[[[9.0, -9.0], [-9.0, 9.0]]]])
+    assert _loss("ce", y, sure) < 1e-6 and _loss("dice", y, sure) < 1e-4
+    assert _loss("ce+dice", y, flat) == pytest.approx(math.log(2) + 1 / 3)
+    assert _loss("0.5*ce+2*dice", y, flat) == pytest.approx(0.5 * math.log(2) + 2 / 3)
+    # class weights: the weighted mean of per-pixel CE
+    logits = np.array([[[[0.0, 0.0], [2.0, 0.0]]]])  # pixel 1 (class 1): ce = log(1 + e^2)
+    ce1 = math.log(1 + math.e**2)
+    assert _loss("ce", y, logits, (1.0, 3.0)) == pytest.approx((math.log(2) + 3 * ce1) / 4)
+    with pytest.raises(InputError, match="--loss"):
+        parse_loss("ce+lovasz")
+    assert parse_loss("0.5*focal+dice") == ((0.5, "focal"), (1.0, "dice"))
+
+
+@pytest.mark.parametrize("spec", ["ce", "dice", "focal", "ce+dice"])
+def test_ignored_pixels_add_nothing_to_the_loss_or_its_gradient(spec):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    logits = tf.Variable(rng.normal(size=(2, 8, 8, 3)).astype(np.float32))
+    loss = make_loss(spec, 3)
+    with tf.GradientTape() as tape:
+        value = loss(np.full((2, 8, 8), IGNORE, np.uint8), logits)
+    grad = tape.gradient(value, logits)
+    assert float(value) == 0.0 and (grad is None or float(tf.reduce_max(tf.abs(grad))) == 0.0)
+    # half ignored: the loss is that of the labelled half, whatever the logits are at ignored pixels
+    y = rng.integers(0, 3, size=(2, 8, 8)).astype(np.uint8)
+    y_half = y.copy()
+    y_half[:, 4:] = IGNORE
+    other = logits.numpy().copy()
+    other[:, 4:] = rng.normal(size=other[:, 4:].shape) * 10
+    a = float(loss(y_half, logits.numpy()))
+    assert a == pytest.approx(float(loss(y_half, other)), rel=1e-6)
+    assert a == pytest.approx(float(loss(y[:, :4], logits.numpy()[:, :4])), rel=1e-6)
+
+
+# --- settings, config, CLI ------------------------------------------------------------------------
+
+
+def test_parse_classes_colours_and_areas():
+    classes = parse_classes("background,building:#00ff00:4,road")
+    assert [c.name for c in classes] == ["background", "building", "road"]
+    assert classes[1].color == (0, 255, 0) and classes[1].min_area_m2 == 4
+    assert classes[2].color == (60, 180, 75)
+    for bad in ("building", "a,b:#zz0000", "a,a"):
+        with pytest.raises(InputError, match="--classes"):
+            parse_classes(bad)
+
+
+def invoke(*args):
+    from geoseg.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.exit_code == 1, result.output
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Error: "), result.stderr
+    for needle in needles:
+        assert needle in err[0], err[0]
+
+
+def test_config_file_with_relative_paths_and_cli_overrides(data, tmp_path):
+    folder, scenes = data
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    cfg_dir = tmp_path / "configs"
+    cfg_dir.mkdir()
+    import os
+
+    rel = lambda p: os.path.relpath(p, cfg_dir)  # noqa: E731
+    (cfg_dir / "tiny.toml").write_text(
+        f'output = "../runs/from_config.keras"\n'
+        f'images = ["{rel(scenes[0][0])}"]\nlabels = ["{rel(scenes[0][1])}"]\n'
+        f'val_images = ["{rel(scenes[1][0])}"]\nval-labels = ["{rel(scenes[1][1])}"]\n'
+        f'classes = ["background", "building:#ff0000"]\nchip-size = 32\nwidth = 4\ndepth = 2\n'
+        f'epochs = 5\nsteps_per_epoch = 2\n[augment]\ngrayscale = 0.5\n'
+    )
+    values = read_config(cfg_dir / "tiny.toml")
+    assert len(values["images"]) == 1 and os.path.samefile(values["images"][0], scenes[0][0])
+    assert values["grayscale"] == 0.5 and values["chip_size"] == 32
+
+    out = runs / "override.keras"
+    result = invoke("train", "--config", cfg_dir / "tiny.toml", "--epochs", 1, "-o", out, "--precision", "mixed_bfloat16",
+                    "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["epochs_run"] == 1 and doc["output"] == str(out) and out.exists()
+    assert doc["chips"]["val"] == 36 and doc["pixels"]["val"] == 192 * 192  # the whole validation scene
+    assert not (runs / "from_config.keras").exists()
+    from geoseg.models import load_bundle
+
+    bundle = load_bundle(out)
+    assert bundle.meta.colors[1] == (255, 0, 0) and bundle.meta.arch_config["width"] == 4
+    assert {layer.dtype_policy.name for layer in bundle.model.layers} == {"float32"}  # saved for any precision
+
+    (cfg_dir / "bad.toml").write_text('imagez = ["a.tif"]\n')
+    assert_one_line_error(invoke("train", "--config", cfg_dir / "bad.toml"), "imagez")
+
+
+def test_mask_raster_labels_give_the_same_classes_as_vectors(data, tmp_path):
+    from geoseg.scene import open_scene
+    from geoseg.training import load_scene
+
+    _, ((image, vector), _) = data
+    names = ("background", "building")
+    from_vectors = load_scene(image, vector, class_names=names)
+    info = open_scene(image)
+    write_raster(tmp_path / "mask.tif", (from_vectors.labels * 255).astype("uint8"), transform=info.transform)
+    from_mask = load_scene(image, tmp_path / "mask.tif", class_names=names)
+    np.testing.assert_array_equal(from_mask.labels, from_vectors.labels)
+    assert 0.05 < (from_mask.labels == 1).mean() < 0.5
+    coarse = load_scene(image, vector, class_names=names, gsd=1.0)  # read at another GSD
+    assert coarse.shape == (96, 96) and coarse.gsd == 1.0
+
+
+def test_images_take_several_values_after_one_option(data, tmp_path):
+    _, (a, b) = data
+    result = invoke("train", "--images", a[0], b[0], "--labels", a[1], "-o", tmp_path / "m.keras")
+    assert_one_line_error(result, "2 --images but 1 --labels")
+
+
+def test_user_errors_are_one_line_with_exit_code_1(data, tmp_path):
+    folder, (a, b) = data
+    out = tmp_path / "m.keras"
+    far = make_scene(tmp_path, "far", 2, size=64, n=3, offset=(50000, 0))
+    assert_one_line_error(invoke("train", "--images", a[0], "--labels", far[1], "-o", out), "do not overlap")
+    assert_one_line_error(invoke("train", "--images", a[0], "--labels", a[1], "-o", out, "--chip-size", 100), "--chip-size 100",
+                          "multiple of 16")
+    assert_one_line_error(invoke("train", "--images", a[0], "--labels", a[1], "-o", out, "--classes", "background,road"),
+                          "not classes")
+    assert_one_line_error(invoke("train", "--images", a[0], "--labels", a[1], "-o", tmp_path / "m.h5"), ".keras")
+    assert_one_line_error(invoke("train", "--images", a[0], "--labels", a[1]), "-o")
+    assert_one_line_error(invoke("train", "--images", a[0], "--labels", a[1], "-o", out, "--chip-size", 512,
+                                 "--val-fraction", 0), "no training chips")
+    assert_one_line_error(invoke("train", "--images", a[0], "--labels", a[1], "-o", out, "--chip-size", 256),
+                          "--val-fraction")
+    assert not out.exists()
