@@ -11,23 +11,29 @@ from geoseg.models.bundle import Bundle, BundleMeta, ClassInfo
 COLORS = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
 
 
-def onehot_meta(classes: int = 4, bands: int = 1, *, tile_size: int = 64, overlap: int = 16, gsd=None,
-                gsd_range=None) -> BundleMeta:
+def test_meta(name: str, *, classes: int, bands: int, mean=None, std=None, **kw) -> BundleMeta:
+    """Metadata for a test model: classes background, class1, ...; bands b0, b1, ..."""
+    kw.setdefault("architecture", name)
+    kw.setdefault("arch_config", {"bands": bands, "classes": classes})
+    kw.setdefault("size_multiple", 1)
     return BundleMeta(
-        name="onehot",
+        name=name,
         classes=tuple(ClassInfo(name=("background" if i == 0 else f"class{i}"), color=COLORS[i]) for i in range(classes)),
         background=(0,),
         bands=tuple(f"b{i}" for i in range(bands)),
-        mean=(0.0,) * bands,
-        std=(1.0,) * bands,
-        architecture="onehot",
-        arch_config={"classes": classes},
-        size_multiple=1,
-        tile_size=tile_size,
-        overlap=overlap,
-        gsd=gsd,
-        gsd_range=gsd_range,
+        mean=tuple(mean) if mean is not None else (0.0,) * bands,
+        std=tuple(std) if std is not None else (1.0,) * bands,
+        **kw,
     )
+
+
+test_meta.__test__ = False  # a helper, not a test
+
+
+def onehot_meta(classes: int = 4, bands: int = 1, *, tile_size: int = 64, overlap: int = 16, gsd=None,
+                gsd_range=None) -> BundleMeta:
+    return test_meta("onehot", classes=classes, bands=bands, tile_size=tile_size, overlap=overlap, gsd=gsd,
+                     gsd_range=gsd_range)
 
 
 class NumpyOneHot:
@@ -93,17 +99,9 @@ def random_unet_bundle(path: Path, *, bands: int = 3, classes: int = 4, width: i
     mean = list(mean) if mean is not None else [0.0] * bands
     std = list(std) if std is not None else [1.0] * bands
     model = build_unet(bands=bands, classes=classes, width=width, depth=depth, mean=mean, std=std)
-    meta = BundleMeta(
-        name="random-unet",
-        classes=tuple(ClassInfo(name=("background" if i == 0 else f"class{i}"), color=COLORS[i]) for i in range(classes)),
-        background=(0,),
-        bands=tuple(f"b{i}" for i in range(bands)),
-        mean=tuple(mean), std=tuple(std),
-        architecture="unet",
-        arch_config={"bands": bands, "classes": classes, "width": width, "depth": depth},
-        size_multiple=2**depth,
-        tile_size=256, overlap=64,
-    )
+    meta = test_meta("random-unet", classes=classes, bands=bands, mean=mean, std=std, architecture="unet",
+                     arch_config={"bands": bands, "classes": classes, "width": width, "depth": depth},
+                     size_multiple=2**depth, tile_size=256, overlap=64)
     save_bundle(model, meta, path)
     return path
 
@@ -127,16 +125,7 @@ def small_cnn_bundle(path: Path, *, bands: int = 3, classes: int = 3, mean=None,
     x = keras.layers.Conv2D(8, 5, padding="same", activation="relu")(x)
     out = keras.layers.Conv2D(classes, 1, dtype="float32")(x)
     model = keras.Model(inp, out, name="small-cnn")
-    meta = BundleMeta(
-        name="small-cnn",
-        classes=tuple(ClassInfo(name=("background" if i == 0 else f"class{i}"), color=COLORS[i]) for i in range(classes)),
-        background=(0,),
-        bands=tuple(f"b{i}" for i in range(bands)),
-        mean=tuple(mean), std=tuple(std),
-        architecture="cnn",
-        arch_config={"bands": bands, "classes": classes},
-        size_multiple=1,
-        tile_size=512, overlap=128,
-    )
+    meta = test_meta("small-cnn", classes=classes, bands=bands, mean=mean, std=std, architecture="cnn",
+                     tile_size=512, overlap=128)
     save_bundle(model, meta, path)
     return path

@@ -7,7 +7,7 @@ import math
 import click
 
 from geoseg.cli.options import (
-    assume_crs_option, bands_option, echo_json, json_option, model_option, progress_bar,
+    assume_crs_option, bands_option, echo_json, json_option, model_option, StageBars,
 )
 
 
@@ -50,26 +50,10 @@ def evaluate(ctx: click.Context, scene: str, labels: str, model: str | None, lab
 
     options = PredictOptions(tile_size=tile_size, overlap=overlap, batch_size=batch_size, precision=precision,
                              bands=bands, assume_crs=assume_crs)
-    quiet = bool(ctx.obj.get("quiet"))
-    bars: dict[str, object] = {}
-
-    def progress(stage: str, done: int, total: int) -> None:
-        bar = bars.get(stage)
-        if bar is None:
-            for other in bars.values():
-                other.close()
-            bar = bars[stage] = progress_bar(total, stage, quiet=quiet)
-            if stage == "score":
-                bar.unit = "row"
-        bar.update(done - bar.n)
-
-    try:
+    with StageBars("predict", quiet=bool(ctx.obj.get("quiet")), units={"score": "row"}) as progress:
         result = run(scene, labels, model=model, options=options, class_field=label_field,
                      line_width_m=line_width_m, boundary_tolerance_px=boundary_tolerance_px,
                      iou_threshold=iou_threshold, progress=progress)
-    finally:
-        for bar in bars.values():
-            bar.close()
     if as_json:
         echo_json(result.to_dict())
         return

@@ -89,12 +89,42 @@ def echo_json(doc: Any) -> None:
     click.echo(json.dumps(doc, indent=2, default=str))
 
 
-def progress_bar(total: int, desc: str, *, quiet: bool) -> Any:
+def progress_bar(total: int, desc: str, *, quiet: bool, unit: str = "tile") -> Any:
     """A tqdm bar on stderr that is hidden when stderr is not a terminal (or with -q)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="tile", file=sys.stderr, leave=False,
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False,
                 disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
+
+
+class StageBars:
+    """Progress callback for the library: one bar per stage, opened on its first report.
+
+    ``bars(done, total)`` reports the default stage; ``bars(stage, done, total)`` a named one (a
+    new stage closes the previous bar). Use as a context manager so bars close on errors too.
+    """
+
+    def __init__(self, default: str, *, quiet: bool, units: dict[str, str] | None = None) -> None:
+        self.default, self.quiet, self.units = default, quiet, units or {}
+        self._bars: dict[str, Any] = {}
+
+    def __call__(self, *args: Any) -> None:
+        stage, done, total = args if len(args) == 3 else (self.default, *args)
+        bar = self._bars.get(stage)
+        if bar is None:
+            self.close()
+            bar = self._bars[stage] = progress_bar(total, stage, quiet=self.quiet, unit=self.units.get(stage, "tile"))
+        bar.update(done - bar.n)
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+
+    def __enter__(self) -> "StageBars":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def logger() -> logging.Logger:

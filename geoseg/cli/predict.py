@@ -6,7 +6,7 @@ import click
 
 from geoseg.cli.options import (
     assume_crs_option, bands_option, echo_json, json_option, logger, model_option,
-    output_option, overwrite_option, progress_bar,
+    output_option, overwrite_option, StageBars,
 )
 
 
@@ -55,21 +55,9 @@ def predict(ctx: click.Context, scene: str, output: str, model: str | None, rast
         tile_size=tile_size, overlap=overlap, batch_size=batch_size, blend=blend, precision=precision,
         bands=bands, assume_crs=assume_crs, min_area_m2=min_area_m2, gsd=gsd, stretch=stretch,
     )
-    quiet = bool(ctx.obj.get("quiet"))
-    bar = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = progress_bar(total, "predict", quiet=quiet)
-        bar.update(done - bar.n)
-
-    try:
+    with StageBars("predict", quiet=bool(ctx.obj.get("quiet"))) as progress:
         result = run(scene, output, model=model, raster_out=raster_out, probs_out=probs_out,
                      options=options, overwrite=overwrite, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
     if as_json:
         echo_json(result.to_dict())
         return
