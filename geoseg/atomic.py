@@ -50,8 +50,12 @@ def _remove(path: Path) -> None:
 
 
 def _sidecars(path: Path) -> list[Path]:
-    stem = path.with_suffix("")
-    return [Path(str(stem) + ext) for ext in SIDECARS[:1]] + [Path(str(path) + SIDECARS[1])]
+    """Files that belong to ``path``: ``x.aux.xml`` always; ``x.qml`` (QGIS's style) for rasters only,
+    so a GeoPackage and a GeoTIFF that share a stem never claim the same style file."""
+    sides = [Path(str(path) + SIDECARS[1])]
+    if path.suffix.lower() in (".tif", ".tiff"):
+        sides.append(path.with_suffix(SIDECARS[0]))
+    return sides
 
 
 class Staging:

@@ -231,3 +231,12 @@ def test_uint16_scene_on_a_uint8_model_is_stretched_onto_its_value_range(tmp_pat
             options=PredictOptions(tile_size=32, overlap=8, stretch="none"))
     with rasterio.open(tmp_path / "n.tif") as ds:
         assert (ds.read(1) == 3).all()  # raw values 400+ clip to the last class
+
+
+def test_outputs_sharing_a_stem_keep_the_raster_style(tmp_path):
+    labels = blocky_labels(30, 30, 3, np.random.default_rng(0))
+    scene = write_raster(tmp_path / "in.tif", labels.astype("uint8")[None])
+    for overwrite in (False, True):
+        predict(scene, tmp_path / "out.gpkg", raster_out=tmp_path / "out.tif", bundle=numpy_bundle(),
+                overwrite=overwrite, options=PredictOptions(tile_size=16, overlap=4))
+        assert (tmp_path / "out.qml").exists()
