@@ -1064,7 +1064,7 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
         arch_config=_arch_config(cfg, len(band_names), nclasses), size_multiple=multiple,
         tile_size=cfg.tile_size, overlap=cfg.overlap, gsd=gsd, gsd_range=gsd_range,
         dtype=str(all_scenes[0].image.dtype), value_range=_value_range(all_scenes, train_rects),
-        description=(description + score_text).strip(),
+        description=(description.strip().rstrip(".") + score_text).strip(),
     )
     from geoseg.models import save_bundle
 

@@ -6,9 +6,7 @@ import math
 
 import click
 
-from geoseg.cli.options import (
-    assume_crs_option, bands_option, echo_json, json_option, model_option, StageBars,
-)
+from geoseg.cli.options import StageBars, echo_json, inference_options, json_option, model_option, pop_predict_options
 
 
 @click.command()
@@ -23,19 +21,12 @@ from geoseg.cli.options import (
               show_default=True, help="Boundary F1: a boundary pixel matches within this many pixels.")
 @click.option("--iou-threshold", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
               help="Object F1: a predicted polygon matches a true one when their IoU is at least this.")
-@click.option("--tile-size", type=int, default=None, help="Model window in pixels. Default: the model's.")
-@click.option("--overlap", type=int, default=None, help="Pixels shared by neighbouring tiles. Default: the model's.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Tiles per model call.")
-@click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16", "mixed_float16"]), default="float32",
-              show_default=True, help="mixed_bfloat16 is much faster on CPUs with AMX; mixed_float16 on GPUs.")
-@bands_option
-@assume_crs_option
+@inference_options
 @json_option
 @click.pass_context
 def evaluate(ctx: click.Context, scene: str, labels: str, model: str | None, label_field: str,
-             line_width_m: float | None, boundary_tolerance_px: int, iou_threshold: float,
-             tile_size: int | None, overlap: int | None, batch_size: int, precision: str,
-             bands: tuple[int, ...] | None, assume_crs: str | None, as_json: bool) -> None:
+             line_width_m: float | None, boundary_tolerance_px: int, iou_threshold: float, as_json: bool,
+             **inference) -> None:
     """Segment SCENE and score it against LABELS (polygons in any CRS, or a class/mask raster).
 
     Per class: IoU, F1 (Dice), precision, recall, boundary F1 and object F1; then pixel accuracy
@@ -46,10 +37,8 @@ def evaluate(ctx: click.Context, scene: str, labels: str, model: str | None, lab
     geoseg evaluate scene.tif roads.gpkg --model roads --line-width 6 --json
     """
     from geoseg.evaluate import evaluate as run
-    from geoseg.predict import PredictOptions
 
-    options = PredictOptions(tile_size=tile_size, overlap=overlap, batch_size=batch_size, precision=precision,
-                             bands=bands, assume_crs=assume_crs)
+    options = pop_predict_options(inference)
     with StageBars("predict", quiet=bool(ctx.obj.get("quiet")), units={"score": "row"}) as progress:
         result = run(scene, labels, model=model, options=options, class_field=label_field,
                      line_width_m=line_width_m, boundary_tolerance_px=boundary_tolerance_px,

@@ -75,14 +75,42 @@ def parse_bands(ctx: click.Context, param: click.Parameter, value: str | None) -
     return bands
 
 
-bands_option = click.option(
-    "--bands", callback=parse_bands, default=None, metavar="I,J,K",
-    help="Scene bands to feed the model, 1-based, in the model's order (e.g. 3,2,1).",
-)
-assume_crs_option = click.option(
-    "--assume-crs", default=None, metavar="CRS",
-    help="CRS to use when the scene has none (e.g. EPSG:32633).",
-)
+
+
+_INFERENCE = [
+    click.option("--tile-size", type=int, default=None, help="Model window in pixels. Default: the model's."),
+    click.option("--overlap", type=int, default=None, help="Pixels shared by neighbouring tiles. Default: the model's."),
+    click.option("--batch-size", type=int, default=8, show_default=True, help="Tiles per model call."),
+    click.option("--blend", type=click.Choice(["cosine", "gaussian", "mean"]), default="cosine", show_default=True,
+                 help="Weight window for overlapping tiles."),
+    click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16", "mixed_float16"]),
+                 default="float32", show_default=True,
+                 help="mixed_bfloat16 is much faster on CPUs with AMX; mixed_float16 on GPUs."),
+    click.option("--gsd", default="auto", show_default=True, metavar="auto|native|METRES",
+                 help="Ground sample distance the model runs at: auto resamples scenes outside the model's "
+                      "training range to its GSD (outputs stay on the scene's grid); native never resamples."),
+    click.option("--stretch", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
+                 help="auto: when the scene's data type differs from the model's training imagery (e.g. "
+                      "uint16 satellite data, uint8 model), map its 2-98 % value range onto the model's."),
+    click.option("--bands", callback=parse_bands, default=None, metavar="I,J,K",
+                 help="Scene bands to feed the model, 1-based, in the model's order (e.g. 3,2,1)."),
+    click.option("--assume-crs", default=None, metavar="CRS", help="CRS to use when the scene has none (e.g. EPSG:32633)."),
+]
+_INFERENCE_KEYS = ("tile_size", "overlap", "batch_size", "blend", "precision", "gsd", "stretch", "bands", "assume_crs")
+
+
+def inference_options(f: Callable) -> Callable:
+    """The options of every command that runs a model over a scene (predict, evaluate)."""
+    for option in reversed(_INFERENCE):
+        f = option(f)
+    return f
+
+
+def pop_predict_options(kwargs: dict[str, Any], **extra: Any) -> Any:
+    """Take the ``inference_options`` out of a command's keyword arguments as PredictOptions."""
+    from geoseg.predict import PredictOptions
+
+    return PredictOptions(**{k: kwargs.pop(k) for k in _INFERENCE_KEYS}, **extra)
 
 
 def echo_json(doc: Any) -> None:
