@@ -424,7 +424,7 @@ def resample_to_scene(work: "Segmentation", info: SceneInfo, out_dir: Path, *, c
                 for r0 in range(0, info.height, 512):
                     r1 = min(r0 + 512, info.height)
                     win = Window(a, r0, b - a, r1 - r0)
-                    valid = reader.read(r0, r1, a, b)[1]
+                    valid = reader.read_valid(r0, r1, a, b)
                     cls = vrts[0].read(1, window=win)
                     valid &= cls != CLASS_NODATA
                     cls[~valid] = CLASS_NODATA

@@ -203,7 +203,6 @@ class SceneReader:
                 self._file, crs=info.crs, transform=info.transform, width=info.width, height=info.height,
                 resampling=rasterio.enums.Resampling.bilinear, src_crs=info.crs,
                 add_alpha=info.mask_kind == "mask",
-                src_transform=self._file.transform if not self._file.transform.is_identity else info_source_transform(info),
             )
 
     def close(self) -> None:
@@ -216,6 +215,30 @@ class SceneReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def read_valid(self, row0: int, row1: int, col0: int, col1: int) -> np.ndarray:
+        """Only the valid mask of a window (see ``read``), without reading the image bands when the
+        mask does not depend on them (a mask band or alpha, or no nodata at all in integer data)."""
+        info = self.info
+        if info.mask_kind == "nodata" or np.dtype(info.dtype).kind == "f":
+            return self.read(row0, row1, col0, col1)[1]
+        valid = np.zeros((row1 - row0, col1 - col0), dtype=bool)
+        r0, r1 = max(row0, 0), min(row1, info.height)
+        c0, c1 = max(col0, 0), min(col1, info.width)
+        if r0 >= r1 or c0 >= c1:
+            return valid
+        inner = valid[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0]
+        if info.mask_kind == "none":
+            inner[:] = True
+            return valid
+        try:
+            inner[:] = self._ds.read_masks(info.bands[0], window=Window(c0, r0, c1 - c0, r1 - r0)) > 0
+        except RasterioError as exc:
+            raise InputError(
+                f"{info.path}: reading rows {r0}-{r1} failed ({_first_line(exc)}); "
+                f"the file is truncated or corrupted, re-download or re-export it"
+            ) from exc
+        return valid
 
     def read(self, row0: int, row1: int, col0: int, col1: int) -> tuple[np.ndarray, np.ndarray]:
         """Pixels ``(rows, cols, bands)`` in the scene's dtype and a boolean valid mask ``(rows, cols)``.
@@ -262,12 +285,6 @@ class SceneReader:
         data[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = inner
         valid[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = inner_valid
         return data, valid
-
-
-def info_source_transform(info: SceneInfo) -> rasterio.Affine:
-    """The file's own transform (identity-transform files used with --assume-crs keep the identity)."""
-    with open_dataset(info.path) as ds:
-        return ds.transform
 
 
 def at_gsd(info: SceneInfo, gsd: float) -> SceneInfo:

@@ -152,3 +152,16 @@ def test_real_scenes_open_with_true_gsd():
     assert vegas.crs.to_epsg() == 4326 and vegas.gsd == pytest.approx(math.sqrt(0.30 * 0.243), rel=0.02)
     atlanta = open_scene(shared("spacenet", "atlanta_sn4_buildings_pan", "sample_geotiff.tif"))
     assert atlanta.gsd == pytest.approx(0.5, rel=0.02) and atlanta.dtype == "uint16"
+
+
+def test_read_valid_matches_read_for_every_mask_kind(raster):
+    data = rgb()
+    mask = np.ones(data.shape[1:], bool)
+    mask[5:15, 10:30] = False
+    nodata = data.copy()
+    nodata[:, 0:3, 0:4] = 0
+    for info in (open_scene(raster(data, name="plain.tif")), open_scene(raster(data, mask=mask, name="m.tif")),
+                 open_scene(raster(nodata, nodata=0, name="nd.tif"))):
+        with SceneReader(info) as r:
+            for win in ((0, 40, 0, 50), (-3, 20, 30, 60), (50, 60, 0, 10)):
+                np.testing.assert_array_equal(r.read_valid(*win), r.read(*win)[1])
