@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from geoseg.errors import InputError
-from geoseg.labels import IGNORE, LabelReader
+from geoseg.labels import IGNORE, LabelReader, parse_label_values
 from geoseg.predict import PredictOptions
 
 log = logging.getLogger(__name__)
@@ -627,6 +627,7 @@ def evaluate(
     class_field: str = "class",
     line_width_m: float | None = None,
     value_map: Mapping[int, int] | None = None,
+    label_values: str | None = None,
     boundary_tolerance_px: int = 2,
     iou_threshold: float = 0.5,
     objects: bool = True,
@@ -655,6 +656,8 @@ def evaluate(
     else:
         meta = bundle.meta
     class_names = list(meta.class_names)
+    if label_values is not None:
+        value_map = parse_label_values(label_values, class_names)
     timings: dict[str, float] = {}
     with LabelReader(labels, info, class_names=class_names, class_field=class_field,
                      line_width_m=line_width_m, value_map=value_map) as reader:

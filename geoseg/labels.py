@@ -9,7 +9,8 @@ returns, so training chips and evaluation strips line up pixel for pixel.
   buffered by ``line_width_m``. Pixels no polygon covers are background (class 0).
 - Rasters: warped onto the scene's grid with nearest-neighbour resampling. With two classes, any
   non-zero value is the foreground class (0/1 and 0/255 masks); otherwise values are class ids.
-  ``value_map`` remaps values first (for example an "unlabeled" value to ``IGNORE``).
+  ``value_map`` remaps values first (for example an "unlabeled" value to ``IGNORE``); see
+  ``parse_label_values`` for the ``0=ignore,1=building`` form users give.
 
 ``IGNORE`` (255) marks pixels that take no part in losses and metrics.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -33,6 +35,40 @@ log = logging.getLogger(__name__)
 
 IGNORE = 255
 RASTER_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".vrt", ".img")
+
+
+def parse_label_values(spec: str | Mapping[object, object] | None, class_names: Sequence[str]) -> dict[int, int] | None:
+    """``"0=ignore,1=building,2-5=background"`` -> ``{0: IGNORE, 1: 1, 2: 0, ...}``: which class each
+    value of a label raster means. Values are 0-255, single or ``A-B`` ranges; targets are class
+    names, class ids, or ``ignore`` (no part in losses and metrics). Values not listed keep their
+    meaning (class ids). InputError naming the bad item."""
+    if spec is None or spec == "" or spec == {}:
+        return None
+    items = list(spec.items()) if isinstance(spec, Mapping) else \
+        [tuple(part.split("=", 1)) if "=" in part else (part, None) for part in str(spec).split(",") if part.strip()]
+    names = {n.lower(): i for i, n in enumerate(class_names)}
+    example = f"0=ignore,1={class_names[-1]},2-5={class_names[0]}"
+    out: dict[int, int] = {}
+    for key, target in items:
+        key, target = str(key).strip(), None if target is None else str(target).strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", key)
+        if target is None or not m:
+            raise InputError(f"label values {key!r}: give VALUE=CLASS items separated by commas, e.g. {example}")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if not 0 <= lo <= hi <= 255:
+            raise InputError(f"label values {key!r}: values must be 0-255 (a range low-high), e.g. {example}")
+        if target.lower() == "ignore":
+            cid = IGNORE
+        elif target.lower() in names:
+            cid = names[target.lower()]
+        elif target.isdigit() and int(target) < len(class_names):
+            cid = int(target)
+        else:
+            raise InputError(f"label values {key}={target}: {target!r} is not a class "
+                             f"({', '.join(class_names)}) or 'ignore'")
+        for v in range(lo, hi + 1):
+            out[v] = cid
+    return out
 
 
 class LabelReader:

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from geoseg.errors import InputError, OutputError
-from geoseg.labels import IGNORE
+from geoseg.labels import IGNORE, parse_label_values
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,9 @@ class TrainConfig:
     val_labels: tuple[str, ...] = ()
     val_fraction: float = 0.2
     label_field: str = "class"
+    label_values: str | None = None  # raster labels: "0=ignore,1=building,2-5=background" (None: values are class ids)
     line_width: float | None = None  # metres, to buffer line/point labels
+    sample_weights: tuple[float, ...] | None = None  # one per training image: its share of the chips drawn (None: by area)
     bands: tuple[int, ...] | None = None
     gsd: float | None = None  # None: the first image's GSD
     chip_size: int = 256
@@ -164,6 +166,8 @@ class TrainConfig:
             set_(self, "bands", tuple(int(b) for b in self.bands))
         if self.class_weights is not None:
             set_(self, "class_weights", tuple(float(w) for w in self.class_weights))
+        if self.sample_weights is not None:
+            set_(self, "sample_weights", tuple(float(w) for w in self.sample_weights))
         if isinstance(self.augment, dict):
             set_(self, "augment", Augment(**self.augment))
 
@@ -291,7 +295,7 @@ def parse_loss(spec: str) -> tuple[tuple[float, str], ...]:
 
 #: Config keys that are paths (relative to the config file's folder).
 _PATH_KEYS = ("images", "labels", "val_images", "val_labels", "output")
-_LIST_KEYS = ("images", "labels", "val_images", "val_labels", "classes", "class_weights", "bands")
+_LIST_KEYS = ("images", "labels", "val_images", "val_labels", "classes", "class_weights", "bands", "sample_weights")
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -382,16 +386,18 @@ class SceneData:
 
 def load_scene(image: str | os.PathLike, labels: str | os.PathLike, *, class_names: Sequence[str],
                gsd: float | None = None, bands: tuple[int, ...] | None = None, label_field: str = "class",
-               line_width: float | None = None) -> SceneData:
-    """Read a scene and its labels whole, on a grid of ``gsd`` m/px (default: the scene's own)."""
-    from geoseg.labels import LabelReader
+               line_width: float | None = None, label_values: str | None = None) -> SceneData:
+    """Read a scene and its labels whole, on a grid of ``gsd`` m/px (default: the scene's own).
+    ``label_values`` says what a label raster's values mean (``labels.parse_label_values``)."""
+    from geoseg.labels import LabelReader, parse_label_values
     from geoseg.scene import SceneReader, at_gsd, open_scene
 
     info = open_scene(image, bands=bands)
     grid = info if gsd is None or abs(gsd / info.gsd - 1) < 1e-3 else at_gsd(info, gsd)
     with SceneReader(grid) as reader:
         pixels, valid = reader.read(0, grid.height, 0, grid.width)
-    with LabelReader(labels, grid, class_names=class_names, class_field=label_field, line_width_m=line_width) as lr:
+    with LabelReader(labels, grid, class_names=class_names, class_field=label_field, line_width_m=line_width,
+                     value_map=parse_label_values(label_values, class_names)) as lr:
         ids = lr.read(0, grid.height, 0, grid.width)
     ids = np.where(valid, ids, IGNORE).astype(np.uint8)
     if not (ids != IGNORE).any():
@@ -570,11 +576,14 @@ def augment_batch(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, aug: A
             small = max(1, int(round(h / factors[i]))), max(1, int(round(w / factors[i])))
             x[i] = resize_image(resize_image(x[i], *small), h, w)
     if aug.grayscale > 0 and nb > 1:
-        gray = rng.random(b) < aug.grayscale
-        if gray.any():
-            weights = np.array([0.299, 0.587, 0.114], np.float32) if nb == 3 else np.full(nb, 1 / nb, np.float32)
-            lum = x[gray] @ weights
-            x[gray] = lum[..., None]
+        # Panchromatic sensors weigh the bands differently from luminance (WorldView's pan reaches
+        # into the near infrared, where vegetation is bright): half the gray chips use random
+        # band weights around luminance.
+        gray = np.flatnonzero(rng.random(b) < aug.grayscale)
+        base = np.array([0.299, 0.587, 0.114], np.float32) if nb == 3 else np.full(nb, 1 / nb, np.float32)
+        for i in gray:
+            weights = base if rng.random() < 0.5 else rng.dirichlet(base * 6).astype(np.float32)
+            x[i] = (x[i] @ weights)[..., None]
     if aug.brightness > 0 or aug.contrast > 0:
         gain = rng.uniform(1 - aug.brightness, 1 + aug.brightness, size=(b, 1, 1, 1)).astype(np.float32)
         con = rng.uniform(1 - aug.contrast, 1 + aug.contrast, size=(b, 1, 1, 1)).astype(np.float32)
@@ -589,8 +598,17 @@ class ChipSampler:
     ``(seed, epoch)``, so a resumed run sees the same chips as an uninterrupted one."""
 
     def __init__(self, scenes: Sequence[SceneData], rects: Sequence[Rect], windows: Sequence[tuple[int, int, int]], *,
-                 chip: int, stride: int, augment: Augment, lo: np.ndarray, hi: np.ndarray) -> None:
+                 chip: int, stride: int, augment: Augment, lo: np.ndarray, hi: np.ndarray,
+                 scene_weights: Sequence[float] | None = None) -> None:
+        """``scene_weights`` (one per scene, by index): each scene's share of the chips drawn;
+        None draws every candidate chip equally often (scenes by their labelled area)."""
         self.scenes, self.windows = scenes, list(windows)
+        self.p = None
+        if scene_weights is not None:
+            of_scene = np.array([w[0] for w in self.windows])
+            counts = np.bincount(of_scene, minlength=len(scenes))
+            weights = np.asarray(scene_weights, dtype=np.float64)[of_scene] / counts[of_scene]
+            self.p = weights / weights.sum()
         self.rect_of = {}
         for rect in rects:  # each window lies in exactly one training rectangle
             for w in chip_windows(rect, scenes[rect.scene].shape, chip=chip, stride=stride):
@@ -617,8 +635,11 @@ class ChipSampler:
     def epoch_batches(self, seed: int, epoch: int, steps: int, batch_size: int):
         """Yield ``steps`` batches (x float32 (B, chip, chip, bands), y int32 (B, chip, chip))."""
         rng = np.random.default_rng([seed, epoch])
-        order = np.concatenate([rng.permutation(len(self.windows))
-                                for _ in range(math.ceil(steps * batch_size / len(self.windows)))])
+        if self.p is None:
+            order = np.concatenate([rng.permutation(len(self.windows))
+                                    for _ in range(math.ceil(steps * batch_size / len(self.windows)))])
+        else:
+            order = rng.choice(len(self.windows), size=steps * batch_size, p=self.p)
         jitter = math.log(self.augment.scale_jitter)
         for step in range(steps):
             picks = order[step * batch_size : (step + 1) * batch_size]
@@ -737,7 +758,14 @@ def _check_config(cfg: TrainConfig, multiple: int) -> None:
         raise InputError(f"--gsd {cfg.gsd} must be a positive number of metres per pixel")
     if cfg.max_minutes is not None and not cfg.max_minutes > 0:
         raise InputError(f"--max-minutes {cfg.max_minutes} must be positive")
+    if cfg.sample_weights is not None:
+        w = cfg.sample_weights
+        if len(w) != len(cfg.images):
+            raise InputError(f"{len(w)} --sample-weights for {len(cfg.images)} --images; give one weight per training image")
+        if not all(math.isfinite(v) and v >= 0 for v in w) or not sum(w) > 0:
+            raise InputError(f"--sample-weights {','.join(f'{v:g}' for v in w)}: weights must be >= 0 and not all 0")
     parse_loss(cfg.loss)
+    parse_label_values(cfg.label_values, [c.name for c in parse_classes(cfg.classes)])
 
 
 def _build(cfg: TrainConfig, bands: int, classes: int, mean: Sequence[float], std: Sequence[float], precision: str):
@@ -759,15 +787,17 @@ def _arch_config(cfg: TrainConfig, bands: int, classes: int) -> dict[str, Any]:
 
 
 def _stats(scenes: Sequence[SceneData], rects: Sequence[Rect]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per-band mean, std, min and max of the valid training pixels (every 2nd row and column).
+    """Per-band mean, std, min and max of the valid training pixels (every 2nd row and column, or
+    sparser in large areas: about 4 M pixels per area at most).
 
     See ``_value_range`` for the 2nd-98th percentile over all bands that the bundle also records.
     """
     parts = []
     for rect in rects:
         scene = scenes[rect.scene]
-        img = scene.image[rect.r0 : rect.r1 : 2, rect.c0 : rect.c1 : 2]
-        ok = scene.labels[rect.r0 : rect.r1 : 2, rect.c0 : rect.c1 : 2] != IGNORE
+        k = max(2, math.ceil(math.sqrt(rect.height * rect.width / 4e6)))
+        img = scene.image[rect.r0 : rect.r1 : k, rect.c0 : rect.c1 : k]
+        ok = scene.labels[rect.r0 : rect.r1 : k, rect.c0 : rect.c1 : k] != IGNORE
         parts.append(img[ok].astype(np.float64))
     pixels = np.concatenate(parts) if parts else np.zeros((0, 1))
     if not len(pixels):
@@ -782,8 +812,9 @@ def _value_range(scenes: Sequence[SceneData], rects: Sequence[Rect]) -> tuple[fl
     parts = []
     for rect in rects:
         scene = scenes[rect.scene]
-        img = scene.image[rect.r0 : rect.r1 : 4, rect.c0 : rect.c1 : 4]
-        ok = scene.labels[rect.r0 : rect.r1 : 4, rect.c0 : rect.c1 : 4] != IGNORE
+        k = max(4, math.ceil(math.sqrt(rect.height * rect.width / 1e6)))
+        img = scene.image[rect.r0 : rect.r1 : k, rect.c0 : rect.c1 : k]
+        ok = scene.labels[rect.r0 : rect.r1 : k, rect.c0 : rect.c1 : k] != IGNORE
         parts.append(img[ok].astype(np.float64).ravel())
     values = np.concatenate(parts) if parts else np.zeros(0)
     if not values.size:
@@ -907,7 +938,8 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
     from geoseg.scene import open_scene
 
     gsd = cfg.gsd or open_scene(cfg.images[0], bands=cfg.bands).gsd
-    kw = dict(class_names=class_names, gsd=gsd, bands=cfg.bands, label_field=cfg.label_field, line_width=cfg.line_width)
+    kw = dict(class_names=class_names, gsd=gsd, bands=cfg.bands, label_field=cfg.label_field, line_width=cfg.line_width,
+              label_values=cfg.label_values)
     scenes = [load_scene(i, l, **kw) for i, l in zip(cfg.images, cfg.labels)]
     val_scenes = [load_scene(i, l, **kw) for i, l in zip(cfg.val_images, cfg.val_labels)]
     band_names = scenes[0].band_names
@@ -955,7 +987,8 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
 
     mean, std, lo, hi = _stats(all_scenes, train_rects)
     steps = cfg.steps_per_epoch or max(1, len(windows) // cfg.batch_size)
-    sampler = ChipSampler(all_scenes, train_rects, windows, chip=chip, stride=stride, augment=cfg.augment, lo=lo, hi=hi)
+    sampler = ChipSampler(all_scenes, train_rects, windows, chip=chip, stride=stride, augment=cfg.augment, lo=lo, hi=hi,
+                          scene_weights=cfg.sample_weights)
     train_pixels = int(sum((all_scenes[r.scene].labels[r.r0:r.r1, r.c0:r.c1] != IGNORE).sum() for r in train_rects))
     log.info("training on %d chips (%d px labelled) from %d scene(s) at %.3g m; validating on %d px; %d steps/epoch",
              len(windows), train_pixels, len(scenes), gsd, val_pixels, steps)

@@ -63,3 +63,25 @@ def test_real_vector_and_mask_labels_agree():
     v = LabelReader(base / "kampala_ug_block1_z21_buildings.gpkg", info, class_names=names).read(0, info.height, 0, info.width)
     m = LabelReader(base / "kampala_ug_block1_z21_mask.tif", info, class_names=names).read(0, info.height, 0, info.width)
     assert (v == m).mean() > 0.999
+
+
+def test_label_values_map_raster_values_to_classes_or_ignore(tmp_path, scene):
+    from geoseg.labels import parse_label_values
+
+    names = ["background", "building", "road"]
+    assert parse_label_values("0=ignore, 1=building, 2-5=background, 6=2", names) == {
+        0: IGNORE, 1: 1, 2: 0, 3: 0, 4: 0, 5: 0, 6: 2}
+    assert parse_label_values({"7": "Road"}, names) == {7: 2}
+    assert parse_label_values(None, names) is None
+    for bad, match in [("1", "VALUE=CLASS"), ("x=road", "VALUE=CLASS"), ("300=road", "0-255"),
+                       ("5-2=road", "0-255"), ("1=tree", "'tree' is not a class"), ("1=3", "not a class")]:
+        with pytest.raises(InputError, match=match):
+            parse_label_values(bad, names)
+    # a Dubai-style index mask: 0 unlabeled, 1 building, 2-5 other classes
+    values = np.tile(np.arange(6, dtype=np.uint8), (30, 7))[:, :40]
+    path = write_raster(tmp_path / "idx.tif", values[None])
+    ids = LabelReader(path, scene, class_names=["background", "building"],
+                      value_map=parse_label_values("0=ignore,1=building,2-5=background", ["background", "building"])
+                      ).read(0, 30, 0, 40)
+    expected = np.where(values == 0, IGNORE, (values == 1).astype(np.uint8))
+    np.testing.assert_array_equal(ids, expected)

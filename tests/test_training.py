@@ -242,6 +242,24 @@ def test_augmentation_keeps_labels_aligned_and_is_seeded():
     assert a1[0].min() >= 0 and a1[0].max() <= 255
 
 
+def test_sample_weights_set_each_scene_s_share_of_the_chips():
+    big = SceneData("big", np.zeros((256, 256, 3), np.uint8), np.zeros((256, 256), np.uint8), ("r", "g", "b"), 1.0)
+    small = SceneData("small", np.full((64, 64, 3), 200, np.uint8), np.ones((64, 64), np.uint8), ("r", "g", "b"), 1.0)
+    rects = [Rect(0, 0, 256, 0, 256), Rect(1, 0, 64, 0, 64)]
+    windows = [w for r in rects for w in chip_windows(r, (r.r1, r.c1), chip=32, stride=16)]
+    plain = Augment(flips=False, scale_jitter=1.0, brightness=0, contrast=0, grayscale=0, blur=0)
+
+    def share_of_small(weights):
+        sampler = ChipSampler([big, small], rects, windows, chip=32, stride=16, augment=plain,
+                              lo=np.zeros(3), hi=np.full(3, 255.0), scene_weights=weights)
+        ys = np.concatenate([y for _, y in sampler.epoch_batches(seed=1, epoch=0, steps=50, batch_size=8)])
+        return (ys == 1).all(axis=(1, 2)).mean()
+
+    assert share_of_small(None) < 0.1  # by area: 9 of 234 candidate chips
+    assert share_of_small([1, 1]) == pytest.approx(0.5, abs=0.1)
+    assert share_of_small([3, 1]) == pytest.approx(0.25, abs=0.08)
+
+
 def test_resize_keeps_constants_and_averages_when_shrinking():
     img = np.full((40, 40, 2), 7.0, np.float32)
     np.testing.assert_allclose(resize_image(img, 25, 25), 7.0, rtol=1e-6)
@@ -403,4 +421,8 @@ def test_user_errors_are_one_line_with_exit_code_1(data, tmp_path):
                                  "--val-fraction", 0), "no training chips")
     assert_one_line_error(invoke("train", "--images", a[0], "--labels", a[1], "-o", out, "--chip-size", 256),
                           "--val-fraction")
+    assert_one_line_error(invoke("train", "--images", a[0], "--labels", a[1], "-o", out, "--sample-weights", "1,2"),
+                          "one weight per training image")
+    assert_one_line_error(invoke("train", "--images", a[0], "--labels", a[1], "-o", out, "--label-values", "1=tree"),
+                          "'tree' is not a class")
     assert not out.exists()

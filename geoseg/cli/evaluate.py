@@ -17,6 +17,9 @@ from geoseg.cli.options import StageBars, echo_json, inference_options, json_opt
               help="Attribute of vector labels that holds the class name or id.")
 @click.option("--line-width", "line_width_m", type=float, default=None, metavar="METRES",
               help="Width of line and point labels (e.g. road centre-lines), buffered into areas.")
+@click.option("--label-values", default=None, metavar="V=CLASS,...",
+              help="What the values of a label raster mean, e.g. 0=ignore,1=building,2-5=background "
+                   "(ignore: not scored). Default: values are class ids; any non-zero value of a 2-class mask is the class.")
 @click.option("--boundary-tolerance", "boundary_tolerance_px", type=click.IntRange(min=0), default=2,
               show_default=True, help="Boundary F1: a boundary pixel matches within this many pixels.")
 @click.option("--iou-threshold", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
@@ -25,7 +28,8 @@ from geoseg.cli.options import StageBars, echo_json, inference_options, json_opt
 @json_option
 @click.pass_context
 def evaluate(ctx: click.Context, scene: str, labels: str, model: str | None, label_field: str,
-             line_width_m: float | None, boundary_tolerance_px: int, iou_threshold: float, as_json: bool,
+             line_width_m: float | None, label_values: str | None, boundary_tolerance_px: int,
+             iou_threshold: float, as_json: bool,
              **inference) -> None:
     """Segment SCENE and score it against LABELS (polygons in any CRS, or a class/mask raster).
 
@@ -41,8 +45,8 @@ def evaluate(ctx: click.Context, scene: str, labels: str, model: str | None, lab
     options = pop_predict_options(inference)
     with StageBars("predict", quiet=bool(ctx.obj.get("quiet")), units={"score": "row"}) as progress:
         result = run(scene, labels, model=model, options=options, class_field=label_field,
-                     line_width_m=line_width_m, boundary_tolerance_px=boundary_tolerance_px,
-                     iou_threshold=iou_threshold, progress=progress)
+                     line_width_m=line_width_m, label_values=label_values,
+                     boundary_tolerance_px=boundary_tolerance_px, iou_threshold=iou_threshold, progress=progress)
     if as_json:
         echo_json(result.to_dict())
         return

@@ -66,6 +66,12 @@ def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
                    "(name:#rrggbb:m2).")
 @click.option("--label-field", default="class", show_default=True, help="Vector attribute holding the class name or id.")
 @click.option("--line-width", type=float, default=None, metavar="METRES", help="Width to buffer line and point labels to.")
+@click.option("--label-values", default=None, metavar="V=CLASS,...",
+              help="What the values of label rasters mean, e.g. 0=ignore,1=building,2-5=background "
+                   "(ignore: no part in the loss). Default: values are class ids.")
+@click.option("--sample-weights", default=None, metavar="W1,W2,...",
+              help="One weight per training image: its share of the chips drawn (balances small and large "
+                   "datasets). Default: every chip equally often.")
 @click.option("--bands", default=None, metavar="I,J,K", help="Scene bands to train on, 1-based (default: all but alpha).")
 @click.option("--gsd", type=float, default=None, metavar="METRES",
               help="Train at this ground sample distance (m/px). Default: the first image's.")
@@ -138,6 +144,8 @@ def train(ctx: click.Context, config_path: str | None, **opts: Any) -> None:
         values["bands"] = tuple(int(b) for b in values["bands"])
     if isinstance(values.get("class_weights"), str):
         values["class_weights"] = _floats(values["class_weights"], "--class-weights")
+    if isinstance(values.get("sample_weights"), str):
+        values["sample_weights"] = _floats(values["sample_weights"], "--sample-weights")
     output = values.pop("output")
     if not output:
         raise InputError("no output given; pass -o MODEL.keras (or output = \"...\" in --config)")
