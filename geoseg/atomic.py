@@ -5,12 +5,14 @@ keeping the extension so GDAL is happy), then all outputs are renamed together o
 been written. On any error, Ctrl-C or SIGTERM the temporary files are removed and earlier outputs are
 left untouched. Sidecars (``.qml``, ``.aux.xml``) travel with their file.
 
-Leftovers of a run killed with SIGKILL match ``*.tmp-<pid>-*``; ``clean_stale`` removes those whose
-process no longer exists.
+Leftovers of a run killed with SIGKILL match ``*.tmp-<pid>-*``: no output name ever takes that form,
+so they are ignored, and the next run that writes into the same folder removes those whose process
+no longer exists (``clean_stale``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
@@ -20,6 +22,7 @@ from types import TracebackType
 
 from geoseg.errors import OutputError
 
+log = logging.getLogger(__name__)
 SIDECARS = (".qml", ".aux.xml")
 _TMP = re.compile(r"\.tmp-(\d+)-[0-9a-f]{6}(\.|$)")
 
@@ -70,10 +73,20 @@ class Staging:
         self._tag = f"tmp-{os.getpid()}-{secrets.token_hex(3)}"
         self._files: list[tuple[Path, Path]] = []  # (temporary, final)
         self._scratch: list[Path] = []
+        self._cleaned: set[Path] = set()
+
+    def _clean(self, folder: Path) -> None:
+        """Remove what killed runs left in ``folder`` (once per folder; never a live run's files)."""
+        folder = folder.resolve()
+        if folder not in self._cleaned:
+            self._cleaned.add(folder)
+            for p in clean_stale(folder):
+                log.info("removed %s, left by a geoseg run that was killed", p.name)
 
     def output(self, final: str | os.PathLike) -> Path:
         """A temporary path beside ``final`` with the same extension, e.g. ``out.tmp-12-a1b2c3.gpkg``."""
         final = check_output(final, overwrite=self.overwrite)
+        self._clean(final.parent)
         if any(f == final for _, f in self._files):
             raise OutputError(f"{final} is given for two outputs; give each output its own path")
         tmp = final.with_name(f"{final.stem}.{self._tag}{final.suffix}")
@@ -83,6 +96,7 @@ class Staging:
     def scratch(self, near: str | os.PathLike) -> Path:
         """A temporary folder beside ``near`` for intermediate files (removed in any case)."""
         folder = Path(near).parent
+        self._clean(folder)
         path = folder / f".geoseg.{self._tag}.d"
         path.mkdir()
         self._scratch.append(path)

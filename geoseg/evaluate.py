@@ -641,7 +641,7 @@ def evaluate(
     object matching, as in ``geoseg predict``.
     """
     from geoseg.models.bundle import load_bundle, read_meta, resolve_model
-    from geoseg.predict import check_options, segment
+    from geoseg.predict import check_options, min_areas, segment
     from geoseg.scene import open_scene
 
     t_start = time.perf_counter()
@@ -656,6 +656,7 @@ def evaluate(
     else:
         meta = bundle.meta
     class_names = list(meta.class_names)
+    min_area = min_areas(options, meta)
     if label_values is not None:
         value_map = parse_label_values(label_values, class_names)
     timings: dict[str, float] = {}
@@ -664,9 +665,6 @@ def evaluate(
         if bundle is None:
             bundle = load_bundle(model_path, precision=options.precision)
         timings["load"] = round(time.perf_counter() - t_start, 3)
-        min_area = options.min_area_m2
-        if min_area is None:
-            min_area = {c.name: c.min_area_m2 for c in meta.classes}
         with tempfile.TemporaryDirectory(prefix="geoseg-eval-") as scratch:
             t0 = time.perf_counter()
             seg = segment(info, bundle, scratch, options=options,

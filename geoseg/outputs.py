@@ -219,6 +219,8 @@ class TiledTiffWriter:
             self._ds.close()
             for band in self._bands.values():
                 band.buffer = None
+        if warn_incomplete:
+            verify_tiff(self.path)
         covered = sum(b.width for b in self._bands.values() if b.next_row == self.height)
         if warn_incomplete and covered != self.width:
             log.warning("%s closed with %d of %d columns written in full", self.path, covered, self.width)
@@ -278,6 +280,41 @@ def write_cog(
         )
     except rasterio.errors.RasterioIOError as exc:
         raise OutputError(f"cannot write COG {dst_path} from {src_path}: {exc}") from exc
+    verify_tiff(dst_path)
+
+
+def verify_tiff(path: str | os.PathLike) -> None:
+    """OutputError unless every tile of ``path`` (full resolution) lies whole inside the file.
+
+    GDAL writes most tiles when a dataset is closed and does not report failed writes then: a disk
+    that fills up, or a file-size limit, leaves tiles that are missing (size 0, read back as
+    zeros) or cut short. Checking the tile index against the file's size costs one lookup per tile.
+    """
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    problem = None
+    try:
+        with rasterio.open(path) as ds:
+            bh, bw = ds.block_shapes[0]
+            rows, cols = -(-ds.height // bh), -(-ds.width // bw)
+            bands = range(1, ds.count + 1) if ds.interleaving != rasterio.enums.Interleaving.pixel else [1]
+            for b in bands:
+                for r in range(rows):
+                    for c in range(cols):
+                        off = ds.get_tag_item(f"BLOCK_OFFSET_{c}_{r}", "TIFF", bidx=b)
+                        n = ds.get_tag_item(f"BLOCK_SIZE_{c}_{r}", "TIFF", bidx=b)
+                        if not off or not n or int(n) == 0 or int(off) + int(n) > size:
+                            problem = f"tile {c},{r} of band {b} is missing"
+                            break
+                    if problem:
+                        break
+                if problem:
+                    break
+    except rasterio.errors.RasterioIOError as exc:
+        problem = f"it does not open ({exc})"
+    if problem:
+        raise OutputError(f"{path} was not written completely ({problem}): the disk may be full or a "
+                          f"file-size limit reached; free some disk space and run again")
 
 
 def class_colormap(

@@ -14,11 +14,12 @@ Each step lives in its own module; this one wires them together, streaming:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,7 +53,7 @@ class PredictOptions:
     precision: str = "float32"
     bands: tuple[int, ...] | None = None
     assume_crs: str | None = None
-    min_area_m2: float | None = None
+    min_area_m2: float | Mapping[str, float] | None = None  # one value, or {class: m²} over the model's
     prefetch: int = 2
     chunk_width: int = 8192  # scenes wider than this are blended in column chunks (bounds memory)
     gsd: str = "auto"  # "auto": resample when outside the model's GSD range; "native"; or metres
@@ -444,8 +445,47 @@ def resample_to_scene(work: "Segmentation", info: SceneInfo, out_dir: Path, *, c
 def check_options(options: PredictOptions) -> None:
     if options.batch_size <= 0:
         raise InputError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if options.tile_size is not None and options.tile_size <= 0:
+        raise InputError(f"--tile-size must be a positive number of pixels, got {options.tile_size}")
+    if options.overlap is not None and options.overlap < 0:
+        raise InputError(f"--overlap must be 0 or more pixels, got {options.overlap}")
     if options.precision not in PRECISIONS:
         raise InputError(f"--precision {options.precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
+def min_areas(options: PredictOptions, meta) -> dict[str, float]:
+    """Minimum polygon area per class: the model's values, replaced by ``--min-area`` (one number for
+    every class, or some classes by name). InputError for unknown class names or negative areas."""
+    areas = {c.name: float(c.min_area_m2) for c in meta.classes}
+    given = options.min_area_m2
+    if given is None:
+        return areas
+    if not isinstance(given, Mapping):
+        given = dict.fromkeys(areas, given)
+    unknown = sorted(set(given) - set(areas))
+    if unknown:
+        raise InputError(f"--min-area names unknown class(es) {', '.join(unknown)}; the model's classes are "
+                         f"{', '.join(areas)}")
+    for name, value in given.items():
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise InputError(f"--min-area {name}={value}: give an area >= 0 in square metres")
+        areas[name] = float(value)
+    return areas
+
+
+def parse_min_area(text: str | None) -> float | dict[str, float] | None:
+    """``"4"`` -> 4.0 (every class); ``"building=10,water=200"`` -> {class: m²}."""
+    if text is None or not str(text).strip():
+        return None
+    text = str(text).strip()
+    try:
+        if "=" not in text:
+            return float(text)
+        pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+        return {name.strip(): float(value) for name, value in pairs}
+    except ValueError:
+        raise InputError(f"--min-area {text!r}: give square metres (e.g. 4) or CLASS=M2 pairs "
+                         f"(e.g. building=10,water=200)") from None
 
 
 def load_model_for(model: str | os.PathLike | None, options: PredictOptions):
@@ -534,6 +574,7 @@ def predict(
     timings["load"] = round(time.perf_counter() - t_start, 3)
     class_names = list(meta.class_names)
     colors = list(meta.colors)
+    min_area = min_areas(options, meta)
     with Staging(overwrite=overwrite) as staging:
         gpkg_tmp = staging.output(output)
         raster_tmp = staging.output(raster_out) if raster_out else None
@@ -542,9 +583,6 @@ def predict(
                       progress=progress, timings=timings)
 
         t0 = time.perf_counter()
-        min_area = options.min_area_m2
-        if min_area is None:
-            min_area = {c.name: c.min_area_m2 for c in meta.classes}
         layers = polygons.polygonize(
             seg.class_path,
             class_names=class_names,

@@ -129,6 +129,11 @@ def describe(ds: rasterio.DatasetReader, *, bands: tuple[int, ...] | None = None
             crs = rasterio.crs.CRS.from_user_input(assume_crs)
         except RasterioError as exc:
             raise InputError(f"--assume-crs {assume_crs!r} is not a CRS ({_first_line(exc)}); use e.g. EPSG:32633") from exc
+    if crs is None and transform.is_identity:
+        raise InputError(
+            f"{path} has no georeference (no CRS, no geotransform); georeference it, or pass --assume-crs "
+            f"(for example --assume-crs EPSG:32633) to work in pixel coordinates"
+        )
     if crs is None:
         raise InputError(
             f"{path} has no CRS; if you know it, pass --assume-crs (for example --assume-crs EPSG:32633)"

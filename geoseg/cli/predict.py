@@ -18,8 +18,9 @@ from geoseg.cli.options import (
               help="Also write the class raster as a Cloud-Optimized GeoTIFF (with a QGIS .qml style).")
 @click.option("--probs-out", type=click.Path(dir_okay=False), default=None,
               help="Also write per-class probabilities (float32 COG, one band per class).")
-@click.option("--min-area", "min_area_m2", type=float, default=None,
-              help="Drop polygons smaller than this many m². Default: the model's per-class values.")
+@click.option("--min-area", "min_area_m2", default=None, metavar="M2|CLASS=M2,...",
+              help="Drop polygons smaller than this many m²: one value for every class, or per class "
+                   "(building=10,water=200). Default: the model's per-class values.")
 @inference_options
 @overwrite_option
 @json_option
@@ -34,7 +35,9 @@ def predict(ctx: click.Context, scene: str, output: str, model: str | None, rast
     """
     from geoseg.predict import predict as run
 
-    options = pop_predict_options(inference, min_area_m2=min_area_m2)
+    from geoseg.predict import parse_min_area
+
+    options = pop_predict_options(inference, min_area_m2=parse_min_area(min_area_m2))
     with StageBars("predict", quiet=bool(ctx.obj.get("quiet"))) as progress:
         result = run(scene, output, model=model, raster_out=raster_out, probs_out=probs_out,
                      options=options, overwrite=overwrite, progress=progress)

@@ -1,0 +1,47 @@
+"""A short fuzz of the scene reader: mutated GeoTIFF bytes open and read, or fail with InputError.
+
+The long run is ``python tests/fuzz_scene.py --inputs 20000``; see that file for the mutations.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.fuzz_scene import fuzz, mutate, read_through, seed_files
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory):
+    return seed_files(tmp_path_factory.mktemp("seeds"))
+
+
+def test_the_unmutated_seeds_read_completely(seeds, tmp_path):
+    for i, blob in enumerate(seeds):
+        (tmp_path / f"s{i}.tif").write_bytes(blob)
+        assert read_through(tmp_path / f"s{i}.tif") == "ok"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(which=st.integers(0, 3), seed=st.integers(0, 2**32 - 1), rounds=st.integers(1, 4))
+def test_mutated_geotiffs_read_or_fail_with_input_error(seeds, tmp_path, which, seed, rounds):
+    rng = np.random.default_rng(seed)
+    blob = seeds[which]
+    for _ in range(rounds):
+        blob = mutate(blob, rng)
+    path = tmp_path / "m.tif"
+    path.write_bytes(blob)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert read_through(path) in ("ok", "input-error")
+
+
+def test_a_thousand_mutations_in_a_row(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        counts = fuzz(1000, seed=7, folder=tmp_path)
+    assert counts["ok"] + counts["input-error"] == 1000 and counts["ok"] > 0 and counts["input-error"] > 0
