@@ -70,6 +70,10 @@ def open_dataset(path: str | os.PathLike) -> rasterio.DatasetReader:
         return rasterio.open(path)
     except RasterioIOError as exc:
         raise InputError(f"{path} is not a raster GDAL can read ({_first_line(exc)})") from exc
+    except (RasterioError, UnicodeDecodeError, ValueError, OverflowError) as exc:
+        # found by fuzzing: a damaged CRS name (not UTF-8) or georeference fails inside rasterio.open
+        raise InputError(f"{path} is a damaged raster: its header does not decode ({_first_line(exc)}); "
+                         f"re-export or re-download it") from exc
 
 
 def _first_line(exc: BaseException) -> str:

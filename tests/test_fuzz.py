@@ -40,6 +40,23 @@ def test_mutated_geotiffs_read_or_fail_with_input_error(seeds, tmp_path, which, 
         assert read_through(path) in ("ok", "input-error")
 
 
+def test_a_crs_name_that_is_not_utf8_is_an_input_error(seeds, tmp_path):
+    """Found by the long fuzz run (seed 1, input 10101): rasterio.open raised UnicodeDecodeError.
+    Two bytes of the uint16 seed: a GeoKey 33 bytes before the CRS citation, and a byte of the
+    citation ("WGS 84 / UTM zone 33N") that is not UTF-8."""
+    from geoseg.errors import InputError
+    from geoseg.scene import open_scene
+
+    blob = bytearray(seeds[1])
+    at = blob.index(b"UTM zone ") + len(b"UTM zone")
+    assert blob[at - 33] == 0
+    blob[at - 33], blob[at] = 81, 0xEC
+    path = tmp_path / "crs.tif"
+    path.write_bytes(bytes(blob))
+    with pytest.raises(InputError, match="damaged"):
+        open_scene(path)
+
+
 def test_a_thousand_mutations_in_a_row(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
