@@ -17,7 +17,7 @@ import logging
 import os
 import sqlite3
 import xml.etree.ElementTree as ET
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -572,6 +572,60 @@ def write_geopackage(
             db.execute(_CONTENTS_SQL, (RUN_TABLE, RUN_TABLE, "geoseg run metadata"))
     except (OSError, sqlite3.Error, pyogrio.errors.DataSourceError) as exc:
         raise OutputError(f"writing {path} failed: {exc}; check free disk space") from exc
+
+
+def write_polygon_stream(
+    path: str | os.PathLike,
+    batches: Iterable,
+    *,
+    class_names: Sequence[str],
+    layers: Sequence[str],
+    crs,
+    colors: Mapping[str, RGB],
+    metadata: Mapping[str, str] | None = None,
+    buffer: int = 50_000,
+) -> dict[str, tuple[int, float]]:
+    """Write a new GeoPackage from ``polygons.iter_polygons`` batches as they come.
+
+    The layers (``layers``: class names, empty ones too), their styles and the run table are
+    created first; then polygons are appended per layer whenever ``buffer`` of them are waiting,
+    so memory holds at most that many polygons per layer. Returns ``{layer: (count, area_m2)}``.
+    """
+    import geopandas as gpd
+    import pyogrio
+
+    from geoseg.polygons import _frame
+
+    empty = {name: gpd.GeoDataFrame({"class_name": np.zeros(0, object)}, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
+             for name in layers}
+    write_geopackage(path, empty, colors=colors, metadata=metadata)
+    waiting: dict[int, list] = {}
+    totals = {name: (0, 0.0) for name in layers}
+
+    def flush(cid: int) -> None:
+        got = waiting.pop(cid, [])
+        if not got:
+            return
+        name = class_names[cid]
+        frame = _frame(name, cid, *(np.concatenate([getattr(b, f) for b in got])
+                                    for f in ("geoms", "areas", "perimeters", "scores")), crs)
+        frame, _ = _layer_frame(frame)
+        try:
+            pyogrio.write_dataframe(frame, os.fspath(path), layer=name, driver="GPKG", append=True,
+                                    promote_to_multi=True, geometry_type="MultiPolygon")
+        except (OSError, pyogrio.errors.DataSourceError) as exc:
+            raise OutputError(f"writing {path} failed: {exc}; check free disk space") from exc
+        n, area = totals[name]
+        totals[name] = (n + len(frame), area + float(frame["area_m2"].sum()))
+
+    for batch in batches:
+        cid = int(batch.class_id)
+        waiting.setdefault(cid, []).append(batch)
+        if sum(len(b.geoms) for b in waiting[cid]) >= buffer:
+            flush(cid)
+    for cid in list(waiting):
+        flush(cid)
+    return totals
 
 
 def _layer_frame(frame: gpd.GeoDataFrame) -> tuple[gpd.GeoDataFrame, str]:

@@ -1,25 +1,27 @@
 """Class raster -> polygons per class, with true areas, perimeters and mean scores.
 
-The data flow of :func:`polygonize`::
+The data flow of :func:`iter_polygons` (and :func:`polygonize`, which collects it), one strip of
+rows at a time::
 
-    class raster ──GDALPolygonize (4-connected, streams the band)──▶ polygons + class ids
-                 ──bulk shapely build, make_valid──▶ geometries
-                 ──area_m2 / perimeter_m / min area──▶ kept polygons
-    score raster ──strips of rows × rasterized polygon ids──▶ mean score per polygon
+    class strip ──4-connected regions per class (ndimage.label)──▶ label image
+                ──GDAL's polygonizer on the labels──▶ one polygon per region
+    score strip ──bincount over the labels──▶ score sums and counts per region
+    strip line  ──same class above and below──▶ union-find of regions; groups that no longer touch
+                 the line are dissolved (union_all) into the polygon the whole raster would give
+                ──make_valid, area_m2 / perimeter_m / min area──▶ finished polygons, per class
 
-Memory is bounded by the polygons and by one strip of rows, never by the raster: the class raster
-is polygonized by GDAL straight from the open band, with the nodata value and the skipped classes
-masked out by a lookup-table VRT (so the huge background polygon is never built in Python).
+Memory is bounded by one strip of rows and the regions still open at the strip line, never by
+the raster; polygons leave as soon as they are finished, so a writer can stream them.
 """
 
 from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from xml.sax.saxutils import escape
 
 import numpy as np
 import rasterio
@@ -35,12 +37,12 @@ from geoseg.errors import InputError
 if TYPE_CHECKING:
     import geopandas as gpd
 
-__all__ = ["polygonize", "area_m2", "perimeter_m"]
+__all__ = ["polygonize", "iter_polygons", "PolygonBatch", "area_m2", "perimeter_m"]
 
 COLUMNS = ("class_name", "class_id", "area_m2", "perimeter_m", "score", "geometry")
 
 _BUILD_CHUNK = 50_000  # features turned into shapely geometries at a time
-_STRIP_PIXELS = 8_000_000  # pixels per strip when scoring (labels int32 + scores: ~64 MB)
+_STRIP_PIXELS = 4_000_000  # pixels per strip (class ids int64, labels int32, scores: ~100 MB)
 _DENSIFY_DEGREES = 0.01  # longest edge kept straight when projecting to an equal-area CRS
 
 
@@ -57,6 +59,7 @@ def polygonize(
     score_scale: float = 1 / 65535,
     min_area_m2: float | Mapping[str, float] = 0.0,
     progress: Callable[[int], None] | None = None,
+    strip_rows: int | None = None,
 ) -> dict[str, gpd.GeoDataFrame]:
     """Polygonize a class raster into one GeoDataFrame per class that is not skipped.
 
@@ -65,20 +68,79 @@ def polygonize(
     polygons. Polygons are 4-connected regions of one id, valid Polygon/MultiPolygon geometries
     in the raster's CRS, with columns ``class_name, class_id, area_m2, perimeter_m, score``.
 
+    The raster is read in strips of ``strip_rows`` rows (default: about 8 M pixels); regions that
+    cross a strip line are merged exactly, so the polygons do not depend on the strip height.
+
     ``score`` is the mean of ``score_path`` (a single-band raster on the same grid, usually
     uint16 holding probability x 65535) times ``score_scale`` over each polygon's pixels, NaN
     without a score raster. ``min_area_m2`` drops smaller polygons: one number for all classes
-    or ``{class_name: m2}``. ``progress(n)`` receives increments of rows; the total is the
-    raster height (polygonizing is one GDAL call, so with a score raster the rows are counted
-    while scoring, otherwise all at once when polygonizing finishes).
+    or ``{class_name: m2}``. ``progress(n)`` receives increments of rows (total: the raster height).
+    """
+    class_names = list(class_names)
+    parts: dict[int, list] = {}
+    crs = None
+    for batch in iter_polygons(class_path, class_names=class_names, skip=skip, score_path=score_path,
+                               score_scale=score_scale, min_area_m2=min_area_m2, progress=progress,
+                               strip_rows=strip_rows):
+        crs = batch.crs
+        parts.setdefault(int(batch.class_id), []).append(batch)
+    if crs is None:
+        with rasterio.open(class_path) as ds:
+            crs = CRS.from_wkt(ds.crs.to_wkt())
+    out = {}
+    for cid in range(len(class_names)):
+        if cid in skip:
+            continue
+        got = parts.get(cid, [])
+        joined = [np.concatenate([getattr(b, f) for b in got]) if got else np.zeros(0, dtype=object if f == "geoms" else float)
+                  for f in ("geoms", "areas", "perimeters", "scores")]
+        out[class_names[cid]] = _frame(class_names[cid], cid, *joined, crs)
+    return out
+
+
+@dataclass
+class PolygonBatch:
+    """Finished polygons of one class: geometries and their attributes (arrays of equal length)."""
+
+    class_id: int
+    geoms: np.ndarray
+    areas: np.ndarray
+    perimeters: np.ndarray
+    scores: np.ndarray
+    crs: CRS
+
+
+def iter_polygons(
+    class_path: str,
+    *,
+    class_names: Sequence[str],
+    skip: Container[int] = (0,),
+    score_path: str | None = None,
+    score_scale: float = 1 / 65535,
+    min_area_m2: float | Mapping[str, float] = 0.0,
+    progress: Callable[[int], None] | None = None,
+    strip_rows: int | None = None,
+) -> Iterator[PolygonBatch]:
+    """The polygons of :func:`polygonize`, in batches per class as soon as they are finished.
+
+    Memory is bounded by one strip of rows plus the regions that are still open (those that
+    touch the last strip line read), never by the raster or the number of polygons.
+
+    For each strip: 4-connected regions of one class are labelled (``scipy.ndimage.label``),
+    traced by GDAL (``rasterio.features.shapes`` on the label image) and scored (``bincount``).
+    Where a pixel on the last row of the strip above and the pixel below it on the first row of
+    this strip hold the same class, their regions are one: a union-find joins them, and once no
+    member of a group touches the strip line any more its pieces are dissolved (``union_all``)
+    into one polygon, exactly the polygon the whole raster would give.
     """
     class_names = list(class_names)
     if not class_names:
         raise InputError("class_names is empty: pass one name per class id (id 0 first)")
     thresholds = _min_area_per_class(min_area_m2, class_names)
-    kept_ids = [i for i in range(len(class_names)) if i not in skip]
+    limit = np.array([thresholds[n] for n in class_names])
+    kept = np.array([i not in skip for i in range(len(class_names))])
 
-    with rasterio.open(class_path) as ds:
+    with rasterio.open(class_path) as ds, (rasterio.open(score_path) if score_path else _nullcontext()) as sds:
         if ds.crs is None:
             raise InputError(
                 f"{class_path} has no CRS: areas in m² need one; assign it (e.g. with "
@@ -89,49 +151,192 @@ def polygonize(
                 f"{class_path} has {ds.dtypes[0]} pixels: a class raster holds integer class ids "
                 "(uint8 usually)"
             )
+        if sds is not None and ((sds.height, sds.width) != (ds.height, ds.width)
+                                or not sds.transform.almost_equals(ds.transform)):
+            raise InputError(
+                f"score raster {score_path} ({sds.width}x{sds.height}, {tuple(sds.transform)[:6]})"
+                f" is not on the class raster's grid ({ds.width}x{ds.height}, "
+                f"{tuple(ds.transform)[:6]}); write both from the same prediction"
+            )
         crs = CRS.from_wkt(ds.crs.to_wkt())
-        height, width, grid = ds.height, ds.width, ds.transform
-        geoms, ids = _polygonize_band(ds, skip=skip)
+        height, width, nodata = ds.height, ds.width, ds.nodata
+        rows = strip_rows or _strip_rows(ds)
+        state = _Regions()
+        prev_row: np.ndarray | None = None  # class ids of the last row of the previous strip
+        prev_ids: np.ndarray | None = None  # their global region ids (0: none)
+        for row0 in range(0, height, rows):
+            h = min(rows, height - row0)
+            window = Window(0, row0, width, h)
+            cls = ds.read(1, window=window).astype(np.int64)
+            valid = np.ones(cls.shape, bool) if nodata is None else cls != nodata
+            unknown = np.unique(cls[valid & ((cls < 0) | (cls >= len(class_names)))])
+            if unknown.size:
+                raise InputError(
+                    f"{class_path} holds class id(s) {unknown.tolist()} but only {len(class_names)} "
+                    f"class names were given ({class_names}); pass a name for every id, or set "
+                    "the raster's nodata value"
+                )
+            valid &= kept[np.clip(cls, 0, len(class_names) - 1)]
+            labels, region_class = _label_regions(cls, valid)
+            n = len(region_class)
+            base = state.add(region_class)  # global id = base + local id (local ids from 1)
+            if sds is not None:
+                values = sds.read(1, window=window)
+                ok = labels > 0
+                if sds.nodata is not None:
+                    ok &= values != sds.nodata
+                state.add_scores(base, np.bincount(labels[ok], weights=values[ok], minlength=n + 1)[1:],
+                                 np.bincount(labels[ok], minlength=n + 1)[1:])
+            geoms, local = _trace(labels, ds.window_transform(window))
+            state.add_pieces(base + local, geoms)
+            top = labels[0]
+            if prev_row is not None:
+                same = (prev_ids > 0) & (top > 0) & (prev_row == cls[0])
+                for a, b in set(zip(prev_ids[same].tolist(), (base + top[same]).tolist())):
+                    state.union(a, b)
+            bottom = labels[-1]
+            prev_row = cls[-1]
+            prev_ids = np.where(bottom > 0, base + bottom, 0)
+            last = row0 + h >= height
+            open_ids = np.zeros(0, np.int64) if last else np.unique(prev_ids[prev_ids > 0])
+            if progress is not None:
+                progress(h)
+            for cid, gs, ss, cs in state.finish(open_ids):
+                yield from _batch(cid, gs, ss, cs, crs, limit, score_scale, sds is not None)
 
-    unknown = np.setdiff1d(np.unique(ids), np.arange(len(class_names)))
-    if unknown.size:
-        raise InputError(
-            f"{class_path} holds class id(s) {unknown.tolist()} but only {len(class_names)} class "
-            f"names were given ({class_names}); pass a name for every id, or set the raster's "
-            "nodata value"
-        )
 
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _label_regions(cls: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels int32, class of each label) for the 4-connected one-class regions of a strip."""
+    from scipy import ndimage
+
+    labels = np.zeros(cls.shape, np.int32)
+    classes = []
+    four = ndimage.generate_binary_structure(2, 1)
+    offset = 0
+    for c in np.unique(cls[valid]).tolist():
+        lab, n = ndimage.label(valid & (cls == c), structure=four)
+        if n:
+            np.add(labels, np.where(lab > 0, lab + offset, 0).astype(np.int32), out=labels)
+            classes.append(np.full(n, c, np.int64))
+            offset += n
+    return labels, (np.concatenate(classes) if classes else np.zeros(0, np.int64))
+
+
+def _trace(labels: np.ndarray, transform) -> tuple[np.ndarray, np.ndarray]:
+    """Polygons of the labelled regions (GDAL's polygonizer), with their local label ids."""
+    if not labels.any():
+        return np.empty(0, dtype=object), np.zeros(0, np.int64)
+    features = rasterio.features.shapes(labels, mask=labels > 0, connectivity=4, transform=transform)
+    geoms, values = _bulk_polygons(features)
+    return geoms, values.astype(np.int64)
+
+
+class _Regions:
+    """Regions met so far: union-find over global ids, their pieces, score sums and counts."""
+
+    def __init__(self) -> None:
+        self.parent = np.zeros(1, np.int64)  # id 0 unused
+        self.region_class = np.zeros(1, np.int64)
+        self.sums = np.zeros(1)
+        self.counts = np.zeros(1, np.int64)
+        self.pieces: dict[int, list] = {}  # root -> geometries
+        self.members: dict[int, list[int]] = {}  # root -> ids (only for groups of several)
+        self.done_upto = 0  # every id <= this is finished
+
+    def add(self, region_class: np.ndarray) -> int:
+        base = len(self.parent) - 1
+        n = len(region_class)
+        self.parent = np.concatenate([self.parent, np.arange(base + 1, base + n + 1)])
+        self.region_class = np.concatenate([self.region_class, region_class])
+        self.sums = np.concatenate([self.sums, np.zeros(n)])
+        self.counts = np.concatenate([self.counts, np.zeros(n, np.int64)])
+        return base
+
+    def add_scores(self, base: int, sums: np.ndarray, counts: np.ndarray) -> None:
+        self.sums[base + 1 : base + 1 + len(sums)] += sums
+        self.counts[base + 1 : base + 1 + len(counts)] += counts
+
+    def add_pieces(self, ids: np.ndarray, geoms: np.ndarray) -> None:
+        self.new_ids, self.new_geoms = ids, geoms
+
+    def find(self, a: int) -> int:
+        root = a
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[a] != root:
+            self.parent[a], a = root, self.parent[a]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        keep, gone = min(ra, rb), max(ra, rb)
+        self.parent[gone] = keep
+        self.sums[keep] += self.sums[gone]
+        self.counts[keep] += self.counts[gone]
+        self.pieces.setdefault(keep, []).extend(self.pieces.pop(gone, []))
+        self.members.setdefault(keep, [keep]).extend(self.members.pop(gone, [gone]))
+
+    def finish(self, open_ids: np.ndarray):
+        """Yield ``(class, geometries, score sums, counts)`` per class for every group that no
+        longer touches the strip line (``open_ids``: the regions on its last row)."""
+        ids, geoms = self.new_ids, self.new_geoms
+        self.new_ids = self.new_geoms = None
+        # Pieces of regions that were joined or stay open wait in `pieces`; the rest (most of
+        # them) are whole regions already and leave at once.
+        roots = np.array([self.find(int(i)) for i in ids], np.int64) if len(ids) else np.zeros(0, np.int64)
+        open_roots = {self.find(int(i)) for i in open_ids.tolist()}
+        grouped = np.array([r in self.members or r in open_roots or r in self.pieces for r in roots.tolist()], bool)
+        for r, g in zip(roots[grouped].tolist(), geoms[grouped]):
+            self.pieces.setdefault(r, []).append(g)
+        out_geoms = list(geoms[~grouped])
+        out_ids = list(roots[~grouped].tolist())
+        for r in [r for r in list(self.pieces) if r not in open_roots]:
+            pieces = self.pieces.pop(r)
+            self.members.pop(r, None)
+            out_geoms.append(pieces[0] if len(pieces) == 1 else _dissolve(pieces))
+            out_ids.append(r)
+        if not out_ids:
+            return
+        out_ids = np.asarray(out_ids, np.int64)
+        out_geoms = np.asarray(out_geoms + [None], dtype=object)[:-1]
+        cls = self.region_class[out_ids]
+        for c in np.unique(cls).tolist():
+            sel = cls == c
+            yield c, out_geoms[sel], self.sums[out_ids[sel]], self.counts[out_ids[sel]]
+
+
+def _dissolve(pieces: list) -> object:
+    """One polygon from the pieces of a region cut by strip lines: their union, without the
+    vertices the cuts left on straight edges (the whole-raster polygon has none there)."""
+    merged = shapely.union_all(np.asarray(pieces + [None], dtype=object)[:-1])
+    return shapely.simplify(merged, 0.0)
+
+
+def _batch(cid, geoms, sums, counts, crs, limit, score_scale, scored) -> Iterator[PolygonBatch]:
     geoms = _make_valid_polygonal(geoms)
     present = ~shapely.is_empty(geoms) & ~shapely.is_missing(geoms)
-    geoms, ids = geoms[present], ids[present]
-
+    geoms, sums, counts = geoms[present], sums[present], counts[present]
     areas = area_m2(geoms, crs)
-    limit = np.array([thresholds[class_names[i]] for i in range(len(class_names))])
-    big = areas >= limit[ids] if ids.size else np.zeros(0, bool)
-    geoms, ids, areas = geoms[big], ids[big], areas[big]
-    perimeters = perimeter_m(geoms, crs)
-
-    if score_path is None:
-        scores = np.full(len(geoms), np.nan)
-        if progress is not None:
-            progress(height)
+    big = areas >= limit[cid]
+    geoms, sums, counts, areas = geoms[big], sums[big], counts[big], areas[big]
+    if not len(geoms):
+        return
+    if scored:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scores = np.where(counts > 0, sums / np.maximum(counts, 1) * score_scale, np.nan)
     else:
-        scores = _mean_scores(
-            score_path,
-            geoms,
-            shape=(height, width),
-            transform=grid,
-            scale=score_scale,
-            progress=progress,
-        )
-
-    return {
-        class_names[cid]: _frame(
-            class_names[cid], cid, geoms[ids == cid], areas[ids == cid],
-            perimeters[ids == cid], scores[ids == cid], crs,
-        )
-        for cid in kept_ids
-    }
+        scores = np.full(len(geoms), np.nan)
+    yield PolygonBatch(cid, geoms, areas, perimeter_m(geoms, crs), scores, crs)
 
 
 def _frame(name, cid, geoms, areas, perimeters, scores, crs) -> gpd.GeoDataFrame:
@@ -142,11 +347,11 @@ def _frame(name, cid, geoms, areas, perimeters, scores, crs) -> gpd.GeoDataFrame
         {
             "class_name": np.full(n, name, dtype=object),
             "class_id": np.full(n, cid, dtype=np.int32),
-            "area_m2": areas.astype(np.float64),
-            "perimeter_m": perimeters.astype(np.float64),
-            "score": scores.astype(np.float64),
+            "area_m2": np.asarray(areas, dtype=np.float64),
+            "perimeter_m": np.asarray(perimeters, dtype=np.float64),
+            "score": np.asarray(scores, dtype=np.float64),
         },
-        geometry=gpd.GeoSeries(geoms, crs=crs),
+        geometry=gpd.GeoSeries(np.asarray(geoms, dtype=object), crs=crs),
         crs=crs,
     )
 
@@ -167,49 +372,6 @@ def _min_area_per_class(
     if bad:
         raise InputError(f"min_area_m2 must be >= 0 square metres, got {bad}")
     return values
-
-
-def _polygonize_band(ds, *, skip: Container[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(geometries, class ids) of the 4-connected regions of band 1, nodata and skip excluded.
-
-    ``rasterio.features.shapes`` with a Band source and ``mask=None`` gives GDALPolygonize no
-    mask band, so nodata pixels come back as polygons of the nodata value. For 8/16-bit rasters
-    a VRT band maps every value through a lookup table to 1 (keep) or 0 (nodata, skipped) and
-    serves as the mask band, read lazily by GDAL like the class band. Other integer types are
-    polygonized whole and filtered afterwards.
-    """
-    nodata = ds.nodata
-    dtype = np.dtype(ds.dtypes[0])
-    mask_values = range(256) if dtype == np.uint8 else None
-    with _lut_mask(ds, mask_values, drop=lambda v: v == nodata or v in skip) as mask:
-        features = rasterio.features.shapes(
-            rasterio.band(ds, 1), mask=mask, connectivity=4
-        )
-        geoms, values = _bulk_polygons(features)
-    ids = values.astype(np.int64)
-    dropped = [v for v in np.unique(ids).tolist() if v == nodata or v in skip]
-    keep = ~np.isin(ids, dropped)
-    return geoms[keep], ids[keep]
-
-
-@contextmanager
-def _lut_mask(ds, values: Iterable[int] | None, *, drop: Callable[[int], bool]):
-    """Yield a Band (of an in-memory VRT) that is 0 where ``drop(value)``, else 1; or None."""
-    if values is None:
-        yield None
-        return
-    lut = ",".join(f"{v}:{0 if drop(v) else 1}" for v in values)
-    gt = ", ".join(repr(float(c)) for c in ds.transform.to_gdal())
-    vrt = (
-        f'<VRTDataset rasterXSize="{ds.width}" rasterYSize="{ds.height}">'
-        f"<GeoTransform>{gt}</GeoTransform>"
-        '<VRTRasterBand dataType="Byte" band="1"><ComplexSource>'
-        f'<SourceFilename relativeToVRT="0">{escape(ds.name)}</SourceFilename>'
-        f"<SourceBand>1</SourceBand><LUT>{lut}</LUT>"
-        "</ComplexSource></VRTRasterBand></VRTDataset>"
-    )
-    with rasterio.open(vrt) as mask_ds:
-        yield rasterio.band(mask_ds, 1)
 
 
 def _bulk_polygons(features: Iterable[tuple[dict, float]]) -> tuple[np.ndarray, np.ndarray]:
@@ -272,84 +434,6 @@ def _make_valid_polygonal(geoms: np.ndarray) -> np.ndarray:
     return geoms
 
 
-# --------------------------------------------------------------------------------------------
-# score
-
-
-def _mean_scores(
-    score_path: str,
-    geoms: np.ndarray,
-    *,
-    shape: tuple[int, int],
-    transform,
-    scale: float,
-    progress: Callable[[int], None] | None,
-) -> np.ndarray:
-    """Mean score per polygon, one strip of rows at a time (memory bounded by the strip)."""
-    n = len(geoms)
-    if n >= np.iinfo(np.int32).max:
-        raise InputError(f"{n} polygons are too many to score in one raster; split the scene")
-    sums = np.zeros(n + 1, dtype=np.float64)
-    counts = np.zeros(n + 1, dtype=np.int64)
-    tree = shapely.STRtree(geoms)
-    with rasterio.open(score_path) as sds:
-        if (sds.height, sds.width) != shape or not sds.transform.almost_equals(transform):
-            raise InputError(
-                f"score raster {score_path} ({sds.width}x{sds.height}, {tuple(sds.transform)[:6]})"
-                f" is not on the class raster's grid ({shape[1]}x{shape[0]}, "
-                f"{tuple(transform)[:6]}); write both from the same prediction"
-            )
-        height, width = shape
-        rows = _strip_rows(sds)
-        nodata = sds.nodata
-        for row0 in range(0, height, rows):
-            window = Window(0, row0, width, min(rows, height - row0))
-            h = int(window.height)
-            bounds = _strip_bounds(sds.transform, width=width, row0=row0, rows=h)
-            idx = tree.query(shapely.box(*bounds))
-            if idx.size:
-                pieces = shapely.clip_by_rect(geoms[idx], *bounds)
-                ok = ~shapely.is_empty(pieces)
-                labels = rasterio.features.rasterize(
-                    zip(_geojson(pieces[ok]), (idx[ok] + 1).tolist()),
-                    out_shape=(h, width),
-                    transform=sds.window_transform(window),
-                    fill=0,
-                    dtype="int32",
-                    all_touched=False,
-                )
-                inside = labels > 0
-                values = sds.read(1, window=window)
-                if nodata is not None:
-                    inside &= values != nodata
-                lab = labels[inside]
-                sums += np.bincount(lab, weights=values[inside], minlength=n + 1)
-                counts += np.bincount(lab, minlength=n + 1)
-            if progress is not None:
-                progress(h)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = sums[1:] / counts[1:] * scale
-    mean[counts[1:] == 0] = np.nan
-    return mean
-
-
-def _geojson(geoms: np.ndarray) -> list[dict]:
-    """GeoJSON-like MultiPolygon dicts, built from one ragged array (shapely's per-geometry
-    ``__geo_interface__`` costs several times more than GDAL's rasterizing)."""
-    if len(geoms) == 0:
-        return []
-    _, coords, (ring_off, poly_off, multi_off) = shapely.to_ragged_array(
-        _as_multi(geoms)
-    )
-    xy = coords.tolist()
-    rings = [xy[a:b] for a, b in zip(ring_off[:-1].tolist(), ring_off[1:].tolist())]
-    polys = [rings[a:b] for a, b in zip(poly_off[:-1].tolist(), poly_off[1:].tolist())]
-    return [
-        {"type": "MultiPolygon", "coordinates": polys[a:b]}
-        for a, b in zip(multi_off[:-1].tolist(), multi_off[1:].tolist())
-    ]
-
-
 def _as_multi(geoms: np.ndarray) -> np.ndarray:
     """Polygonal parts of each geometry as one MultiPolygon (clipping can yield collections)."""
     parts, owner = shapely.get_parts(geoms, return_index=True)
@@ -361,15 +445,6 @@ def _as_multi(geoms: np.ndarray) -> np.ndarray:
     missing = shapely.is_missing(out)
     out[missing] = shapely.from_wkt("MULTIPOLYGON EMPTY")
     return out
-
-
-def _strip_bounds(transform, *, width: int, row0: int, rows: int) -> tuple[float, ...]:
-    """Bounding box of a strip of rows, for any affine transform (rotated too)."""
-    a, b, c, d, e, f = tuple(transform)[:6]
-    cols = np.array([0, width, 0, width], dtype=np.float64)
-    lines = np.array([row0, row0, row0 + rows, row0 + rows], dtype=np.float64)
-    xs, ys = a * cols + b * lines + c, d * cols + e * lines + f
-    return (xs.min(), ys.min(), xs.max(), ys.max())
 
 
 def _strip_rows(ds) -> int:

@@ -582,17 +582,6 @@ def predict(
         seg = segment(info, bundle, staging.scratch(output), options=options, probs=probs_out is not None,
                       progress=progress, timings=timings)
 
-        t0 = time.perf_counter()
-        layers = polygons.polygonize(
-            seg.class_path,
-            class_names=class_names,
-            skip=set(meta.background),
-            score_path=seg.score_path,
-            score_scale=1.0 / SCORE_SCALE,
-            min_area_m2=min_area,
-        )
-        timings["polygonize"] = round(time.perf_counter() - t0, 3)
-
         run_meta = {
             "geoseg_version": geoseg.__version__,
             "model_name": meta.name,
@@ -604,15 +593,25 @@ def predict(
             "batch_size": str(options.batch_size),
             "blend": options.blend,
             "precision": options.precision,
+            "min_area_m2": ",".join(f"{k}={v:g}" for k, v in min_area.items()),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         t0 = time.perf_counter()
-        outputs.write_geopackage(
-            gpkg_tmp,
-            layers,
-            colors={name: tuple(c) for name, c in zip(class_names, colors)},
-            metadata=run_meta,
+        kept = [name for i, name in enumerate(class_names) if i not in set(meta.background)]
+        batches = polygons.iter_polygons(
+            seg.class_path,
+            class_names=class_names,
+            skip=set(meta.background),
+            score_path=seg.score_path,
+            score_scale=1.0 / SCORE_SCALE,
+            min_area_m2=min_area,
         )
+        totals = outputs.write_polygon_stream(
+            gpkg_tmp, batches, class_names=class_names, layers=kept, crs=info.crs,
+            colors={name: tuple(c) for name, c in zip(class_names, colors)}, metadata=run_meta,
+        )
+        timings["polygonize"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
         if raster_tmp:
             outputs.write_cog(
                 seg.class_path,
@@ -649,8 +648,8 @@ def predict(
         width=info.width,
         height=info.height,
         tiles=seg.tiles,
-        counts={name: int(len(layers[name])) for name in layers},
-        area_m2={name: round(float(layers[name]["area_m2"].sum()), 3) for name in layers},
+        counts={name: n for name, (n, _) in totals.items()},
+        area_m2={name: round(area, 3) for name, (_, area) in totals.items()},
         pixels=seg.pixels,
         timings_s=timings,
     )

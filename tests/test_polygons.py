@@ -201,3 +201,94 @@ def test_make_valid_keeps_polygonal_parts_only():
     assert fixed[0].geom_type == "MultiPolygon" and fixed[0].area == pytest.approx(2.0)
     assert fixed[1].equals(shapely.box(0, 0, 1, 1))
     assert fixed[2] is None
+
+
+# --- strips: the result does not depend on the strip height -----------------------------------
+
+
+def canonical(layers) -> dict[str, list[tuple[bytes, float, float]]]:
+    """Each class's polygons as sorted (normalized WKB, area, score), for exact comparison."""
+    out = {}
+    for name, frame in layers.items():
+        geoms = shapely.normalize(shapely.simplify(frame.geometry.values, 0.0))
+        out[name] = sorted(zip(shapely.to_wkb(geoms).tolist(), np.round(frame["area_m2"], 6).tolist(),
+                               np.round(frame["score"].fillna(-1), 9).tolist()))
+    return out
+
+
+def reference(array: np.ndarray, transform, nodata, skip) -> dict[int, list[bytes]]:
+    """The usual way: rasterio.features.shapes on the whole array, kept classes only."""
+    mask = (array != nodata) & ~np.isin(array, list(skip))
+    out: dict[int, list[bytes]] = {}
+    for geom, value in rasterio.features.shapes(array, mask=mask, connectivity=4, transform=transform):
+        g = shapely.normalize(shapely.simplify(shapely.make_valid(shapely.geometry.shape(geom)), 0.0))
+        out.setdefault(int(value), []).append(shapely.to_wkb(g))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+import rasterio.features  # noqa: E402
+import shapely.geometry  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(1, 40), w=st.integers(1, 40), classes=st.integers(2, 4), block=st.integers(1, 6),
+       nodata_frac=st.sampled_from([0.0, 0.1]), seed=st.integers(0, 10**6), strip=st.integers(1, 41))
+def test_strips_give_the_whole_raster_polygons(tmp_path_factory, h, w, classes, block, nodata_frac, seed, strip):
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, classes, size=(-(-h // block), -(-w // block)))
+    array = np.kron(small, np.ones((block, block), int))[:h, :w].astype(np.uint8)
+    array[rng.random((h, w)) < nodata_frac] = 255
+    scores = rng.integers(0, 65535, size=(h, w)).astype(np.uint16)
+    folder = tmp_path_factory.mktemp("strips")
+    path = write_raster(folder / "c.tif", array)
+    score_path = write_raster(folder / "s.tif", scores, nodata=None)
+    kw = dict(class_names=NAMES[:classes], score_path=score_path)
+    whole = canonical(polygonize(path, strip_rows=h, **kw))
+    cut = canonical(polygonize(path, strip_rows=strip, **kw))
+    assert cut == whole
+    # and both are what GDAL gives for the whole array at once
+    ref = reference(array, from_origin(500_000, 4_000_000, 2.0, 2.0), 255, skip={0})
+    assert {NAMES[k]: v for k, v in ref.items()} == {k: [g for g, _, _ in v] for k, v in whole.items() if v}
+
+
+def test_a_region_cut_by_many_strips_is_one_polygon_with_its_hole_and_exact_score(tmp_path):
+    a = np.zeros((30, 20), np.uint8)
+    a[2:28, 2:18] = 1
+    a[10:20, 8:12] = 0  # a hole spanning several strips
+    a[5:25, 14:16] = 2  # a second hole, of another class
+    scores = np.full(a.shape, 1000, np.uint16)
+    scores[a == 1] = np.arange((a == 1).sum()) % 7 * 10000
+    path = write_raster(tmp_path / "c.tif", a)
+    spath = write_raster(tmp_path / "s.tif", scores, nodata=None)
+    frame = polygonize(path, class_names=NAMES[:3], score_path=spath, strip_rows=3)["building"]
+    assert len(frame) == 1
+    geom = frame.geometry.iloc[0]
+    assert geom.geom_type == "Polygon" and len(geom.interiors) == 2
+    assert frame["area_m2"].iloc[0] == pytest.approx(((a == 1).sum()) * 4.0)
+    assert frame["score"].iloc[0] == pytest.approx(scores[a == 1].mean() / 65535)
+    # no vertex left on a strip line along a straight edge: the outline is a plain rectangle
+    assert len(geom.exterior.coords) == 5
+
+
+def test_diagonal_neighbours_across_a_strip_line_stay_apart(tmp_path):
+    a = np.zeros((4, 4), np.uint8)
+    a[1, 1] = 1
+    a[2, 2] = 1  # touches the first only at a corner: two regions under 4-connectivity
+    path = write_raster(tmp_path / "c.tif", a)
+    for strip in (1, 2, 4):
+        assert len(polygonize(path, class_names=NAMES, strip_rows=strip)["building"]) == 2
+
+
+def test_iter_polygons_streams_batches_before_the_end(tmp_path):
+    a = np.zeros((64, 16), np.uint8)
+    a[1:3, 1:3] = 1
+    a[60:62, 1:3] = 1
+    path = write_raster(tmp_path / "c.tif", a)
+    rows_seen = []
+    batches = polygons.iter_polygons(path, class_names=NAMES, strip_rows=8, progress=rows_seen.append)
+    first = next(batches)
+    assert len(first.geoms) == 1 and sum(rows_seen) == 8  # the first building leaves with the first strip
+    rest = list(batches)
+    assert sum(len(b.geoms) for b in rest) == 1 and sum(rows_seen) == 64
