@@ -187,7 +187,7 @@ def iter_polygons(
                     ok &= values != sds.nodata
                 state.add_scores(base, np.bincount(labels[ok], weights=values[ok], minlength=n + 1)[1:],
                                  np.bincount(labels[ok], minlength=n + 1)[1:])
-            geoms, local = _trace(labels, ds.window_transform(window))
+            geoms, local = _trace(labels, row0)
             state.add_pieces(base + local, geoms)
             top = labels[0]
             if prev_row is not None:
@@ -202,7 +202,7 @@ def iter_polygons(
             if progress is not None:
                 progress(h)
             for cid, gs, ss, cs in state.finish(open_ids):
-                yield from _batch(cid, gs, ss, cs, crs, limit, score_scale, sds is not None)
+                yield from _batch(cid, _to_world(gs, ds.transform), ss, cs, crs, limit, score_scale, sds is not None)
 
 
 class _nullcontext:
@@ -230,11 +230,14 @@ def _label_regions(cls: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.n
     return labels, (np.concatenate(classes) if classes else np.zeros(0, np.int64))
 
 
-def _trace(labels: np.ndarray, transform) -> tuple[np.ndarray, np.ndarray]:
-    """Polygons of the labelled regions (GDAL's polygonizer), with their local label ids."""
+def _trace(labels: np.ndarray, row0: int) -> tuple[np.ndarray, np.ndarray]:
+    """Polygons of the labelled regions (GDAL's polygonizer), with their local label ids, in
+    pixel coordinates of the whole raster: whole numbers, so pieces from neighbouring strips meet
+    exactly and dissolve without rounding."""
     if not labels.any():
         return np.empty(0, dtype=object), np.zeros(0, np.int64)
-    features = rasterio.features.shapes(labels, mask=labels > 0, connectivity=4, transform=transform)
+    features = rasterio.features.shapes(labels, mask=labels > 0, connectivity=4,
+                                        transform=rasterio.Affine.translation(0, row0))
     geoms, values = _bulk_polygons(features)
     return geoms, values.astype(np.int64)
 
@@ -313,6 +316,16 @@ class _Regions:
         for c in np.unique(cls).tolist():
             sel = cls == c
             yield c, out_geoms[sel], self.sums[out_ids[sel]], self.counts[out_ids[sel]]
+
+
+def _to_world(geoms: np.ndarray, transform) -> np.ndarray:
+    """Pixel (col, row) coordinates -> the raster's CRS, with the geotransform's own formula."""
+    a, b, c, d, e, f = tuple(transform)[:6]
+
+    def apply(xy: np.ndarray) -> np.ndarray:
+        return np.column_stack([c + a * xy[:, 0] + b * xy[:, 1], f + d * xy[:, 0] + e * xy[:, 1]])
+
+    return shapely.transform(geoms, apply) if len(geoms) else geoms
 
 
 def _dissolve(pieces: list) -> object:

@@ -1,0 +1,171 @@
+"""Class raster -> styled GeoPackage: the polygon step of ``geoseg predict``, on its own.
+
+``geoseg vectorize classes.tif -o polygons.gpkg`` takes any single-band integer raster of class
+ids: a ``--raster-out`` of predict (its class names, colours and background travel in its tags
+and colour table), a label mask, or another tool's classification (``--classes`` names the ids).
+It runs the same code as predict (``polygons.iter_polygons`` then ``outputs.write_polygon_stream``),
+in strips, so the raster never has to fit in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+
+import geoseg
+from geoseg.atomic import Staging, check_output
+from geoseg.errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: Colours for classes without one, by class id (background first).
+PALETTE = (
+    (0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+)
+
+
+@dataclass
+class VectorizeResult:
+    source: str
+    output: str
+    class_names: list[str]
+    counts: dict[str, int]
+    area_m2: dict[str, float]
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def raster_classes(path: str | os.PathLike, names: Sequence[str] | None = None) -> tuple[list[str], list[tuple[int, int, int]]]:
+    """Class names and colours for a class raster: ``names`` if given, else its ``class_names``
+    tag (written by predict), else ``class0, class1, ...`` up to its largest value; colours from
+    its colour table where it has one."""
+    with rasterio.open(path) as ds:
+        if ds.count != 1 or not np.issubdtype(np.dtype(ds.dtypes[0]), np.integer):
+            raise InputError(f"{path} has {ds.count} band(s) of {ds.dtypes[0]}; a class raster has one band of "
+                             f"integer class ids (use the --raster-out of geoseg predict, or a label mask)")
+        tagged = ds.tags().get("class_names")
+        if names:
+            names = list(names)
+        elif tagged:
+            names = tagged.split(",")
+        else:
+            top = 0
+            for _, window in ds.block_windows(1):
+                values = ds.read(1, window=window)
+                if ds.nodata is not None:
+                    values = values[values != ds.nodata]
+                if values.size:
+                    top = max(top, int(values.max()))
+            if top > 255:
+                raise InputError(f"{path} holds class ids up to {top}; name the classes with --classes")
+            names = [f"class{i}" for i in range(top + 1)]
+        try:
+            cmap = ds.colormap(1)
+        except ValueError:
+            cmap = {}
+    colors = [tuple(cmap[i][:3]) if i in cmap else PALETTE[i % len(PALETTE)] for i in range(len(names))]
+    return names, colors
+
+
+def vectorize(
+    class_path: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    class_names: Sequence[str] | None = None,
+    skip: Sequence[str | int] | None = None,
+    min_area_m2: float | Mapping[str, float] | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> VectorizeResult:
+    """Polygonize ``class_path`` into a new GeoPackage ``output``: one styled layer per class not
+    in ``skip`` (names or ids; default: class 0, the background), all or nothing.
+
+    ``min_area_m2`` defaults to the raster's ``min_area_m2`` tag (predict stores the values it
+    used), so vectorizing predict's class raster gives predict's polygons; otherwise 0."""
+    from geoseg import outputs, polygons
+    from geoseg.scene import open_dataset
+
+    t_start = time.perf_counter()
+    if Path(output).suffix.lower() != ".gpkg":
+        raise InputError(f"-o {output}: the polygon output must be a GeoPackage ending in .gpkg")
+    with open_dataset(class_path) as ds:
+        if ds.crs is None:
+            raise InputError(f"{class_path} has no CRS; assign one first (gdal_edit.py -a_srs EPSG:32633 {Path(class_path).name})")
+        crs, height = ds.crs, ds.height
+    check_output(output, overwrite=overwrite)
+    names, colors = raster_classes(class_path, class_names)
+    skip_ids = set()
+    for item in ([0] if skip is None else skip):
+        if isinstance(item, int) or str(item).isdigit():
+            skip_ids.add(int(item))
+        elif item in names:
+            skip_ids.add(names.index(item))
+        else:
+            raise InputError(f"--skip {item!r} is not a class of {Path(class_path).name} ({', '.join(names)})")
+    areas = {n: 0.0 for n in names}
+    with rasterio.open(class_path) as ds:
+        tagged = ds.tags().get("min_area_m2")  # written by geoseg predict: the model's values
+    if tagged and min_area_m2 is None:
+        from geoseg.predict import parse_min_area
+
+        saved = parse_min_area(tagged)
+        areas.update({k: v for k, v in saved.items() if k in areas} if isinstance(saved, Mapping) else {})
+    if isinstance(min_area_m2, Mapping):
+        unknown = sorted(set(min_area_m2) - set(names))
+        if unknown:
+            raise InputError(f"--min-area names unknown class(es) {', '.join(unknown)}; the classes are {', '.join(names)}")
+        areas.update({k: float(v) for k, v in min_area_m2.items()})
+    elif min_area_m2 is not None:
+        areas = dict.fromkeys(names, float(min_area_m2))
+    if any(not v >= 0 for v in areas.values()):
+        raise InputError(f"--min-area must be >= 0 square metres, got {min_area_m2}")
+    layers = [n for i, n in enumerate(names) if i not in skip_ids]
+    meta = {
+        "geoseg_version": geoseg.__version__,
+        "command": "vectorize",
+        "source": str(Path(class_path).resolve()),
+        "source_sha256": file_sha256(class_path),
+        "class_names": ",".join(names),
+        "min_area_m2": ",".join(f"{k}={v:g}" for k, v in areas.items()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    done = 0
+
+    def rows(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, height)
+
+    with Staging(overwrite=overwrite) as staging:
+        tmp = staging.output(output)
+        batches = polygons.iter_polygons(str(class_path), class_names=names, skip=skip_ids, min_area_m2=areas,
+                                         progress=rows)
+        totals = outputs.write_polygon_stream(tmp, batches, class_names=names, layers=layers, crs=crs,
+                                              colors=dict(zip(names, colors)), metadata=meta)
+        staging.commit()
+    return VectorizeResult(
+        source=str(class_path), output=str(output), class_names=names,
+        counts={k: n for k, (n, _) in totals.items()}, area_m2={k: round(a, 3) for k, (_, a) in totals.items()},
+        timings_s={"total": round(time.perf_counter() - t_start, 3)},
+    )
