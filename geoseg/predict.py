@@ -58,6 +58,7 @@ class PredictOptions:
     chunk_width: int = 8192  # scenes wider than this are blended in column chunks (bounds memory)
     gsd: str = "auto"  # "auto": resample when outside the model's GSD range; "native"; or metres
     stretch: str = "auto"  # "auto": match value ranges when the scene's dtype differs from the model's; "none"
+    tta: str = "none"  # test-time augmentation: "none", "flips" (4 passes) or "d4" (8 passes)
 
 
 @dataclass
@@ -332,7 +333,7 @@ def run_model(
                            skipped=chunk_skipped, stretch=stretch)
         for batch in prefetch(gen, options.prefetch):
             t0 = time.perf_counter()
-            logits = np.asarray(bundle.model.predict_on_batch(batch.x), dtype=np.float32)
+            logits = forward(bundle.model, batch.x, options.tta)
             t1 = time.perf_counter()
             for i, tile in enumerate(batch.tiles):
                 acc.add(tile, logits[i], batch.valid[i])
@@ -451,6 +452,33 @@ def check_options(options: PredictOptions) -> None:
         raise InputError(f"--overlap must be 0 or more pixels, got {options.overlap}")
     if options.precision not in PRECISIONS:
         raise InputError(f"--precision {options.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if options.tta not in TTA:
+        raise InputError(f"--tta {options.tta!r} is not one of {', '.join(TTA)}")
+
+
+TTA = {
+    # (turns of 90°, flip left-right) applied to each tile; the logits are turned back and averaged
+    "none": ((0, False),),
+    "flips": ((0, False), (0, True), (2, False), (2, True)),  # identity, left-right, 180°, up-down
+    "d4": tuple((k, f) for k in range(4) for f in (False, True)),
+}
+
+
+def forward(model, x: np.ndarray, tta: str = "none") -> np.ndarray:
+    """Logits (B, H, W, classes) float32 of ``model`` on ``x`` (B, H, W, bands), averaged over the
+    flips and turns of ``tta`` (square tiles; each view is one more forward pass)."""
+    views = TTA[tta]
+    if len(views) == 1:
+        return np.asarray(model.predict_on_batch(x), dtype=np.float32)
+    total = None
+    for k, flip in views:
+        v = np.flip(x, axis=2) if flip else x
+        v = np.rot90(v, k, axes=(1, 2))
+        out = np.asarray(model.predict_on_batch(np.ascontiguousarray(v)), dtype=np.float32)
+        out = np.rot90(out, -k, axes=(1, 2))
+        out = np.flip(out, axis=2) if flip else out
+        total = out if total is None else total + out
+    return total / len(views)
 
 
 def min_areas(options: PredictOptions, meta) -> dict[str, float]:
@@ -593,6 +621,7 @@ def predict(
             "batch_size": str(options.batch_size),
             "blend": options.blend,
             "precision": options.precision,
+            "tta": options.tta,
             "min_area_m2": ",".join(f"{k}={v:g}" for k, v in min_area.items()),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

@@ -240,3 +240,42 @@ def test_outputs_sharing_a_stem_keep_the_raster_style(tmp_path):
         predict(scene, tmp_path / "out.gpkg", raster_out=tmp_path / "out.tif", bundle=numpy_bundle(),
                 overwrite=overwrite, options=PredictOptions(tile_size=16, overlap=4))
         assert (tmp_path / "out.qml").exists()
+
+
+class Lopsided:
+    """Logits that depend on where a pixel sits in the tile (not flip/turn equivariant)."""
+
+    def predict_on_batch(self, x):
+        b, h, w, _ = x.shape
+        rows = np.broadcast_to(np.linspace(0, 1, h)[None, :, None], (b, h, w))
+        cols = np.broadcast_to(np.linspace(0, 2, w)[None, None, :], (b, h, w))
+        return np.stack([rows, cols, x[..., 0] / 100.0], axis=-1).astype(np.float32)
+
+
+def test_tta_averages_the_logits_of_flipped_and_turned_tiles():
+    from geoseg.predict import forward
+
+    x = np.random.default_rng(0).uniform(0, 100, size=(2, 8, 8, 1)).astype(np.float32)
+    model = Lopsided()
+    plain = forward(model, x)
+    flips = forward(model, x, "flips")
+    d4 = forward(model, x, "d4")
+    rows, cols = np.linspace(0, 1, 8), np.linspace(0, 2, 8)
+    # the position terms average out to their mirror-symmetric means; the equivariant term is unchanged
+    np.testing.assert_allclose(flips[..., 2], plain[..., 2], rtol=1e-6)
+    np.testing.assert_allclose(d4[..., 2], plain[..., 2], rtol=1e-6)
+    np.testing.assert_allclose(flips[0, :, 0, 0], np.full(8, rows.mean()), atol=1e-6)
+    np.testing.assert_allclose(flips[0, 0, :, 1], np.full(8, cols.mean()), atol=1e-6)
+    np.testing.assert_allclose(d4[0, ..., 0], d4[0, ..., 1] / 2, atol=1e-6)  # turns mix rows and columns
+
+
+@pytest.mark.parametrize("tta", ["flips", "d4"])
+def test_tta_keeps_an_equivariant_model_exact_through_predict(tmp_path, tta):
+    labels = blocky_labels(70, 90, 4, np.random.default_rng(1), block=5)
+    scene = write_raster(tmp_path / "s.tif", labels.astype("uint8")[None])
+    predict(scene, tmp_path / "o.gpkg", raster_out=tmp_path / "c.tif", bundle=numpy_bundle(),
+            options=PredictOptions(tile_size=32, overlap=8, tta=tta))
+    with rasterio.open(tmp_path / "c.tif") as ds:
+        np.testing.assert_array_equal(ds.read(1), labels)
+    with pytest.raises(InputError, match="--tta"):
+        predict(scene, tmp_path / "p.gpkg", bundle=numpy_bundle(), options=PredictOptions(tta="many"))

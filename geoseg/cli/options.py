@@ -95,8 +95,12 @@ _INFERENCE = [
     click.option("--bands", callback=parse_bands, default=None, metavar="I,J,K",
                  help="Scene bands to feed the model, 1-based, in the model's order (e.g. 3,2,1)."),
     click.option("--assume-crs", default=None, metavar="CRS", help="CRS to use when the scene has none (e.g. EPSG:32633)."),
+    click.option("--tta", type=click.Choice(["none", "flips", "d4"]), default="none", show_default=True,
+                 help="Test-time augmentation: average the logits of flipped (4 passes) or flipped and "
+                      "turned (d4, 8 passes) tiles; costs that many times the model time."),
 ]
-_INFERENCE_KEYS = ("tile_size", "overlap", "batch_size", "blend", "precision", "gsd", "stretch", "bands", "assume_crs")
+_INFERENCE_KEYS = ("tile_size", "overlap", "batch_size", "blend", "precision", "gsd", "stretch", "bands", "assume_crs",
+                   "tta")
 
 
 def inference_options(f: Callable) -> Callable:
