@@ -23,11 +23,7 @@ of predict's wall time, and time, peak memory and pixel agreement of geoseg agai
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -73,17 +69,6 @@ def make_scene(path: Path, size: int) -> Path:
         for r0 in range(0, size, 2048):
             ds.write(canvas[:, r0 : r0 + 2048], window=Window(0, r0, size, min(2048, size - r0)))
     return path
-
-
-def timed(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
-    """(process, wall seconds, peak RSS MiB) of a command run under /usr/bin/time."""
-    t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M", *cmd], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    rss = int([line for line in proc.stderr.splitlines() if line.startswith("MAXRSS_KB")][-1].split()[1]) / 1024
-    return proc, wall, rss
 
 
 # --- the model alone and the naive pipeline run as `python benchmarks/pipeline.py --child ...` -------
@@ -165,6 +150,8 @@ def main() -> None:
             child_naive(rest[0], rest[1], rest[2], int(rest[3]), int(rest[4]), rest[5])
         return
 
+    from report import machine, publish, timed
+
     py, geoseg = sys.executable, str(Path(sys.executable).with_name("geoseg"))
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
@@ -191,12 +178,10 @@ def main() -> None:
             naive = {"wall": wall_n, "rss": rss_n, "work_s": nd["predict_s"] + nd["vector_s"], **nd,
                      "agree": float((ours == theirs).mean())}
 
-    when = datetime.date.today().isoformat()
-    machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)"
     lines = [
         f"## Pipeline against model alone{' and a naive pipeline' if naive else ''}, {args.size} x {args.size}",
         "",
-        f"Measured {when} on {machine}, CPU only, TensorFlow backend, {args.precision}, model `{args.model}`, "
+        f"Measured {machine()}, CPU only, TensorFlow backend, {args.precision}, model `{args.model}`, "
         f"tile {tile} / overlap {overlap}, batch {args.batch_size}; {run_tiles} tiles run.",
         "",
         f"Command: `python benchmarks/pipeline.py --size {args.size} --precision {args.precision}"
@@ -221,11 +206,7 @@ def main() -> None:
                   f"**{naive['rss'] / rss:.1f}x** less peak memory; pixel agreement of the class rasters "
                   f"**{naive['agree']:.2%}** (the naive run averages overlaps evenly, geoseg blends with cosine "
                   f"weights); polygons: geoseg {sum(doc['counts'].values())}, naive {naive['polygons']}."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        with open(args.write, "a", encoding="utf-8") as f:
-            f.write("\n" + text)
+    publish(lines, args.write)
 
 
 if __name__ == "__main__":
