@@ -481,6 +481,31 @@ def forward(model, x: np.ndarray, tta: str = "none") -> np.ndarray:
     return total / len(views)
 
 
+class _Background:
+    """Run ``fn(*args)`` in a daemon thread (never holds up an interrupted run's exit)."""
+
+    def __init__(self, fn: Callable, *args: object) -> None:
+        self._value: object = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable, args: tuple) -> None:
+        self._value = fn(*args)
+
+    def result(self) -> object:
+        self._thread.join()
+        return self._value
+
+
+def _sha256_or_blank(path: str | os.PathLike) -> str:
+    from geoseg.vectorize import file_sha256
+
+    try:
+        return file_sha256(path)
+    except OSError:  # a VRT or remote path: no single file to hash
+        return ""
+
+
 def min_areas(options: PredictOptions, meta) -> dict[str, float]:
     """Minimum polygon area per class: the model's values, replaced by ``--min-area`` (one number for
     every class, or some classes by name). InputError for unknown class names or negative areas."""
@@ -603,6 +628,7 @@ def predict(
     class_names = list(meta.class_names)
     colors = list(meta.colors)
     min_area = min_areas(options, meta)
+    scene_hash = _Background(_sha256_or_blank, info.path)  # the scene's checksum, read while the model runs
     with Staging(overwrite=overwrite) as staging:
         gpkg_tmp = staging.output(output)
         raster_tmp = staging.output(raster_out) if raster_out else None
@@ -616,6 +642,7 @@ def predict(
             "model_sha256": bundle.sha256,
             "model_path": str(bundle.path),
             "scene": str(Path(info.path).resolve()),
+            "scene_sha256": scene_hash.result(),
             "tile_size": str(seg.tile_size),
             "overlap": str(seg.overlap),
             "batch_size": str(options.batch_size),

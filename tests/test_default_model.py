@@ -28,7 +28,12 @@ def test_readme_main_job_on_the_sample_chip(tmp_path):
     doc = json.loads(result.stdout)
     assert doc["model"]["name"] == "buildings" and doc["counts"]["building"] > 0
     assert pyogrio.read_info(out, layer="building")["crs"] == "EPSG:32616"
-    assert read_run_metadata(out)["model_sha256"] == doc["model"]["sha256"]
+    run = read_run_metadata(out)
+    assert run["model_sha256"] == doc["model"]["sha256"]
+    import hashlib
+
+    scene = REPO / "sample_data" / "atlanta_sn4_pan.tif"
+    assert run["scene_sha256"] == hashlib.sha256(scene.read_bytes()).hexdigest()
 
 
 def test_held_back_kampala_block_still_scores():
