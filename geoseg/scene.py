@@ -108,14 +108,24 @@ def ground_sample_distance(crs: rasterio.crs.CRS, transform: rasterio.Affine, wi
     return gsd
 
 
-def _band_name(ds: rasterio.DatasetReader, band: int) -> str:
-    desc = ds.descriptions[band - 1]
-    if desc:
-        return desc
-    interp = ds.colorinterp[band - 1]
-    if interp in (ColorInterp.undefined, ColorInterp.gray):
-        return f"band{band}"
-    return interp.name
+def _band_names(ds: rasterio.DatasetReader, bands: tuple[int, ...]) -> tuple[str, ...]:
+    """Each band's description, else its colour interpretation (red, ...), else ``bandN``
+    (rasterio builds the description and interpretation lists whole: read them once)."""
+    descriptions, interps = ds.descriptions, ds.colorinterp
+    names = []
+    for band in bands:
+        if descriptions[band - 1]:
+            names.append(descriptions[band - 1])
+        elif interps[band - 1] in (ColorInterp.undefined, ColorInterp.gray):
+            names.append(f"band{band}")
+        else:
+            names.append(interps[band - 1].name)
+    return tuple(names)
+
+
+#: More bands than any imagery geoseg segments (hyperspectral scenes have a few hundred); a header
+#: claiming more is damaged, and reading it would take hours (found by fuzzing).
+MAX_BANDS = 1024
 
 
 def describe(ds: rasterio.DatasetReader, *, bands: tuple[int, ...] | None = None, assume_crs: str | None = None) -> SceneInfo:
@@ -123,6 +133,9 @@ def describe(ds: rasterio.DatasetReader, *, bands: tuple[int, ...] | None = None
     path = ds.name
     if ds.count == 0:
         raise InputError(f"{path} has no raster bands")
+    if ds.count > MAX_BANDS:
+        raise InputError(f"{path} claims {ds.count} bands, more than geoseg reads ({MAX_BANDS}); the file is "
+                         f"probably damaged: check it with gdalinfo, or extract the bands you need with gdal_translate -b")
     kinds = {np.dtype(d).kind for d in ds.dtypes}
     if not kinds <= set(SUPPORTED_KINDS):
         raise InputError(f"{path} has {ds.dtypes[0]} data; geoseg reads integer and float imagery, not complex numbers")
@@ -180,7 +193,7 @@ def describe(ds: rasterio.DatasetReader, *, bands: tuple[int, ...] | None = None
         crs=crs,
         transform=transform,
         bands=data_bands,
-        band_names=tuple(_band_name(ds, b) for b in data_bands),
+        band_names=_band_names(ds, data_bands),
         dtype=ds.dtypes[data_bands[0] - 1],
         nodata=ds.nodata,
         mask_kind=mask_kind,

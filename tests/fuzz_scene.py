@@ -100,16 +100,42 @@ def read_through(path: Path) -> str:
         return "input-error"
 
 
-def fuzz(inputs: int, seed: int, folder: Path) -> dict[str, int]:
+class Hang(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise Hang("no answer within the time limit")
+
+
+def fuzz(inputs: int, seed: int, folder: Path, limit_s: int = 20) -> dict[str, int]:
+    """Mutate the seeds ``inputs`` times; an input that takes longer than ``limit_s`` counts as a
+    bug too (a damaged header must not keep geoseg busy for hours)."""
+    import signal
+
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    try:
+        return _fuzz(inputs, seed, folder, limit_s)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _fuzz(inputs: int, seed: int, folder: Path, limit_s: int) -> dict[str, int]:
+    import signal
+
     rng = np.random.default_rng(seed)
     blobs = seed_files(folder)
     counts = {"ok": 0, "input-error": 0}
     path = folder / "fuzz.tif"
     for i in range(inputs):
         path.write_bytes(mutate(blobs[i % len(blobs)], rng))
+        signal.alarm(limit_s)
         try:
             counts[read_through(path)] += 1
-        except Exception as exc:  # a bug: keep the input for the report
+            signal.alarm(0)
+        except Exception as exc:
+            signal.alarm(0)  # a bug: keep the input for the report
             keep = folder / f"failure-{seed}-{i}.tif"
             keep.write_bytes(path.read_bytes())
             raise AssertionError(f"input {i} (seed {seed}, kept as {keep}) raised {type(exc).__name__}: {exc}") from exc

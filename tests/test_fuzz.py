@@ -57,6 +57,27 @@ def test_a_crs_name_that_is_not_utf8_is_an_input_error(seeds, tmp_path):
         open_scene(path)
 
 
+def test_a_header_claiming_tens_of_thousands_of_bands_is_refused_at_once(tmp_path):
+    """Found by the long fuzz run: a damaged SamplesPerPixel of 60161 kept the reader busy for
+    minutes (band names were looked up in a quadratic loop). Now: a limit, and linear lookups."""
+    import time
+
+    import rasterio
+
+    from geoseg.errors import InputError
+    from geoseg.scene import MAX_BANDS, open_scene
+
+    path = tmp_path / "many.tif"
+    n = MAX_BANDS + 1
+    with rasterio.open(path, "w", driver="GTiff", width=4, height=4, count=n, dtype="uint8", crs="EPSG:32633",
+                       transform=rasterio.transform.from_origin(500000, 5000000, 1, 1), interleave="pixel") as ds:
+        ds.write(np.zeros((n, 4, 4), np.uint8))
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match=f"claims {n} bands"):
+        open_scene(path)
+    assert time.perf_counter() - t0 < 30  # not a speed target: before the fix this took minutes
+
+
 def test_a_thousand_mutations_in_a_row(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
