@@ -48,7 +48,7 @@ class PredictOptions:
 
     tile_size: int | None = None
     overlap: int | None = None
-    batch_size: int = 8
+    batch_size: int = 2  # CPU: throughput flat from 1 to 8, memory +100 MiB per tile (benchmarks/batch_size.py)
     blend: str = "cosine"
     precision: str = "float32"
     bands: tuple[int, ...] | None = None
@@ -239,6 +239,45 @@ def prefetch(gen: Iterator[Batch], depth: int) -> Iterator[Batch]:
             thread.join(timeout=0.05)
 
 
+class Behind:
+    """Calls ``fn(item)`` for each ``put(item)`` in a background thread, at most ``depth`` items
+    behind, so blending and writing overlap the next model call (numpy and GDAL release the GIL).
+    The first error raised by ``fn`` is raised again by the next ``put`` or by ``close``."""
+
+    def __init__(self, fn: Callable[[object], None], depth: int = 2) -> None:
+        self._fn, self._error, self.busy_s = fn, None, 0.0
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._thread = threading.Thread(target=self._work, name="geoseg-blender", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self._error is None:
+                t0 = time.perf_counter()
+                try:
+                    self._fn(item)
+                except BaseException as exc:  # raised again in the caller's thread
+                    self._error = exc
+                self.busy_s += time.perf_counter() - t0
+
+    def put(self, item: object) -> None:
+        if self._error is not None:
+            raise self._error
+        self._q.put(item)
+
+    def close(self, *, raise_error: bool = True) -> None:
+        """Wait for every item put so far; raise the first error (unless another one is already
+        on its way up: ``raise_error=False``)."""
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+        if self._error is not None and raise_error:
+            raise self._error
+
+
 class RasterSinks:
     """Writes finished strips: class ids, per-pixel score, and (optionally) class probabilities."""
 
@@ -318,7 +357,7 @@ def run_model(
     chunks = column_chunks(info.width, options.chunk_width)
     stretch = value_stretch(info, meta, options.stretch)
     timings = timings if timings is not None else {}
-    t_model = t_blend = 0.0
+    t_model = t_blend = t_wait = 0.0
     skipped: set[int] = set()
     per_chunk = [[t for t in tiles if t.col < b and t.col + tile_size > a] for a, b in chunks]
     total = sum(map(len, per_chunk))  # tiles on chunk edges count once per chunk
@@ -331,17 +370,29 @@ def run_model(
         chunk_skipped: list[int] = []
         gen = iter_batches(info, chunk_tiles, batch_size=options.batch_size, fill=fill, repeat=repeat,
                            skipped=chunk_skipped, stretch=stretch)
-        for batch in prefetch(gen, options.prefetch):
-            t0 = time.perf_counter()
-            logits = forward(bundle.model, batch.x, options.tta)
-            t1 = time.perf_counter()
-            for i, tile in enumerate(batch.tiles):
-                acc.add(tile, logits[i], batch.valid[i])
-            t_model += t1 - t0
-            t_blend += time.perf_counter() - t1
-            run += len(batch.tiles)
-            if progress:
-                progress(done + run + len(chunk_skipped), total)
+
+        def blend(item, acc=acc) -> None:
+            tiles_, logits_, valid_ = item
+            for i, tile in enumerate(tiles_):
+                acc.add(tile, logits_[i], valid_[i])
+
+        blender = Behind(blend)
+        try:
+            for batch in prefetch(gen, options.prefetch):
+                t0 = time.perf_counter()
+                logits = forward(bundle.model, batch.x, options.tta)
+                t_model += time.perf_counter() - t0
+                blender.put((batch.tiles, logits, batch.valid))
+                run += len(batch.tiles)
+                if progress:
+                    progress(done + run + len(chunk_skipped), total)
+        except BaseException:
+            blender.close(raise_error=False)
+            raise
+        t1 = time.perf_counter()
+        blender.close()
+        t_wait += time.perf_counter() - t1
+        t_blend += blender.busy_s
         t1 = time.perf_counter()
         acc.finish()
         t_blend += time.perf_counter() - t1
@@ -350,7 +401,8 @@ def run_model(
     if progress:
         progress(total, total)
     timings["model"] = round(t_model, 3)
-    timings["blend_write"] = round(t_blend, 3)
+    timings["blend_write"] = round(t_blend, 3)  # in a background thread, overlapping the model
+    timings["blend_wait"] = round(t_wait, 3)  # waiting for the blender after the last batch
     return {"total": len(tiles), "skipped": len(skipped), "run": run, "chunks": len(chunks), "size": tile_size,
             "overlap": overlap, "batch_size": options.batch_size}
 

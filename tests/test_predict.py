@@ -279,3 +279,16 @@ def test_tta_keeps_an_equivariant_model_exact_through_predict(tmp_path, tta):
         np.testing.assert_array_equal(ds.read(1), labels)
     with pytest.raises(InputError, match="--tta"):
         predict(scene, tmp_path / "p.gpkg", bundle=numpy_bundle(), options=PredictOptions(tta="many"))
+
+
+def test_an_error_while_blending_in_the_background_reaches_the_caller(tmp_path, monkeypatch):
+    from geoseg import blend
+
+    def broken(self, *args, **kwargs):
+        raise OutputError("blending failed on purpose")
+
+    monkeypatch.setattr(blend.StripAccumulator, "add", broken)
+    scene = write_raster(tmp_path / "s.tif", np.ones((1, 80, 80), np.uint8))
+    with pytest.raises(OutputError, match="on purpose"):
+        predict(scene, tmp_path / "o.gpkg", bundle=numpy_bundle(), options=PredictOptions(tile_size=32, overlap=8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tif"]
