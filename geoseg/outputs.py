@@ -584,19 +584,25 @@ def write_polygon_stream(
     colors: Mapping[str, RGB],
     metadata: Mapping[str, str] | None = None,
     buffer: int = 50_000,
+    columns: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, tuple[int, float]]:
     """Write a new GeoPackage from ``polygons.iter_polygons`` batches as they come.
 
     The layers (``layers``: class names, empty ones too), their styles and the run table are
     created first; then polygons are appended per layer whenever ``buffer`` of them are waiting,
-    so memory holds at most that many polygons per layer. Returns ``{layer: (count, area_m2)}``.
+    so memory holds at most that many polygons per layer. ``columns``: extra columns per layer
+    (``{layer: {column: dtype}}``) that the batches carry in ``extra``, created with the layer.
+    Returns ``{layer: (count, area_m2)}``.
     """
     import geopandas as gpd
     import pyogrio
 
     from geoseg.polygons import _frame
 
-    empty = {name: gpd.GeoDataFrame({"class_name": np.zeros(0, object)}, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
+    columns = columns or {}
+    empty = {name: gpd.GeoDataFrame({"class_name": np.zeros(0, object),
+                                     **{c: np.zeros(0, t) for c, t in columns.get(name, {}).items()}},
+                                    geometry=gpd.GeoSeries([], crs=crs), crs=crs)
              for name in layers}
     write_geopackage(path, empty, colors=colors, metadata=metadata)
     waiting: dict[int, list] = {}
@@ -609,6 +615,9 @@ def write_polygon_stream(
         name = class_names[cid]
         frame = _frame(name, cid, *(np.concatenate([getattr(b, f) for b in got])
                                     for f in ("geoms", "areas", "perimeters", "scores")), crs)
+        for key in got[0].extra:
+            if all(key in b.extra for b in got):
+                frame[key] = np.concatenate([b.extra[key] for b in got])
         frame, _ = _layer_frame(frame)
         try:
             pyogrio.write_dataframe(frame, os.fspath(path), layer=name, driver="GPKG", append=True,

@@ -558,6 +558,14 @@ def _sha256_or_blank(path: str | os.PathLike) -> str:
         return ""
 
 
+def building_class(class_names) -> int:
+    """The id of the class ``--regularize`` works on (``building``); InputError if there is none."""
+    if "building" not in class_names:
+        raise InputError(f"--regularize squares building outlines, but the classes are {', '.join(class_names)}; "
+                         f"it needs a class named building")
+    return list(class_names).index("building")
+
+
 def min_areas(options: PredictOptions, meta) -> dict[str, float]:
     """Minimum polygon area per class: the model's values, replaced by ``--min-area`` (one number for
     every class, or some classes by name). InputError for unknown class names or negative areas."""
@@ -656,8 +664,10 @@ def predict(
     overwrite: bool = False,
     progress: Progress | None = None,
     bundle=None,
+    regularize: bool = False,
 ) -> PredictResult:
-    """Segment ``scene`` and write the GeoPackage ``output`` (and optional rasters), all or nothing."""
+    """Segment ``scene`` and write the GeoPackage ``output`` (and optional rasters), all or nothing.
+    ``regularize``: straight, right-angled outlines for the ``building`` class (``geoseg.regularize``)."""
     from geoseg import outputs, polygons
 
     timings: dict[str, float] = {}
@@ -680,6 +690,8 @@ def predict(
     class_names = list(meta.class_names)
     colors = list(meta.colors)
     min_area = min_areas(options, meta)
+    if regularize:
+        building_class(class_names)  # fail before the model runs
     scene_hash = _Background(_sha256_or_blank, info.path)  # the scene's checksum, read while the model runs
     with Staging(overwrite=overwrite) as staging:
         gpkg_tmp = staging.output(output)
@@ -701,6 +713,7 @@ def predict(
             "blend": options.blend,
             "precision": options.precision,
             "tta": options.tta,
+            "regularize": str(regularize).lower(),
             "min_area_m2": ",".join(f"{k}={v:g}" for k, v in min_area.items()),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -714,9 +727,13 @@ def predict(
             score_scale=1.0 / SCORE_SCALE,
             min_area_m2=min_area,
         )
+        if regularize:
+            batches = polygons.regularize_batches(batches, class_id=building_class(class_names),
+                                                  pixel=abs(info.transform.a))
         totals = outputs.write_polygon_stream(
             gpkg_tmp, batches, class_names=class_names, layers=kept, crs=info.crs,
             colors={name: tuple(c) for name, c in zip(class_names, colors)}, metadata=run_meta,
+            columns={"building": polygons.REGULARIZE_COLUMNS} if regularize else None,
         )
         timings["polygonize"] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()

@@ -96,6 +96,7 @@ def vectorize(
     min_area_m2: float | Mapping[str, float] | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    regularize: bool = False,
 ) -> VectorizeResult:
     """Polygonize ``class_path`` into a new GeoPackage ``output``: one styled layer per class not
     in ``skip`` (names or ids; default: class 0, the background), all or nothing.
@@ -140,12 +141,17 @@ def vectorize(
     if any(not v >= 0 for v in areas.values()):
         raise InputError(f"--min-area must be >= 0 square metres, got {min_area_m2}")
     layers = [n for i, n in enumerate(names) if i not in skip_ids]
+    if regularize:
+        from geoseg.predict import building_class
+
+        building = building_class(names)
     meta = {
         "geoseg_version": geoseg.__version__,
         "command": "vectorize",
         "source": str(Path(class_path).resolve()),
         "source_sha256": file_sha256(class_path),
         "class_names": ",".join(names),
+        "regularize": str(regularize).lower(),
         "min_area_m2": ",".join(f"{k}={v:g}" for k, v in areas.items()),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -161,8 +167,13 @@ def vectorize(
         tmp = staging.output(output)
         batches = polygons.iter_polygons(str(class_path), class_names=names, skip=skip_ids, min_area_m2=areas,
                                          progress=rows)
+        if regularize:
+            with rasterio.open(class_path) as ds:
+                pixel = abs(ds.transform.a)
+            batches = polygons.regularize_batches(batches, class_id=building, pixel=pixel)
         totals = outputs.write_polygon_stream(tmp, batches, class_names=names, layers=layers, crs=crs,
-                                              colors=dict(zip(names, colors)), metadata=meta)
+                                              colors=dict(zip(names, colors)), metadata=meta,
+                                              columns={"building": polygons.REGULARIZE_COLUMNS} if regularize else None)
         staging.commit()
     return VectorizeResult(
         source=str(class_path), output=str(output), class_names=names,

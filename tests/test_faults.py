@@ -384,6 +384,7 @@ def test_bad_model_files(work, models):
     (["--min-area", "big"], "--min-area"),
     (["--gsd", "fast"], "--gsd"),
     (["--assume-crs", "EPSG:99999"], "EPSG:99999"),
+    (["--regularize"], "needs a class named building"),
 ])
 def test_nonsensical_options(work, models, args, needle):
     _, scene, _, out = work

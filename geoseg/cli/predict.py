@@ -21,12 +21,15 @@ from geoseg.cli.options import (
 @click.option("--min-area", "min_area_m2", default=None, metavar="M2|CLASS=M2,...",
               help="Drop polygons smaller than this many m²: one value for every class, or per class "
                    "(building=10,water=200). Default: the model's per-class values.")
+@click.option("--regularize", is_flag=True,
+              help="Building outlines with straight edges and right angles along each building's orientation "
+                   "(falls back to the plain outline when that would change it too much).")
 @inference_options
 @overwrite_option
 @json_option
 @click.pass_context
 def predict(ctx: click.Context, scene: str, output: str, model: str | None, raster_out: str | None,
-            probs_out: str | None, min_area_m2: float | None, overwrite: bool, as_json: bool, **inference) -> None:
+            probs_out: str | None, min_area_m2: float | None, regularize: bool, overwrite: bool, as_json: bool, **inference) -> None:
     """Segment SCENE and write polygons per class to a GeoPackage.
 
     \b
@@ -40,7 +43,7 @@ def predict(ctx: click.Context, scene: str, output: str, model: str | None, rast
     options = pop_predict_options(inference, min_area_m2=parse_min_area(min_area_m2))
     with StageBars("predict", quiet=bool(ctx.obj.get("quiet"))) as progress:
         result = run(scene, output, model=model, raster_out=raster_out, probs_out=probs_out,
-                     options=options, overwrite=overwrite, progress=progress)
+                     options=options, overwrite=overwrite, progress=progress, regularize=regularize)
     if as_json:
         echo_json(result.to_dict())
         return

@@ -17,11 +17,13 @@ from geoseg.cli.options import StageBars, echo_json, json_option, logger, output
               help="Classes (names or ids) that get no layer. Default: class 0, the background.")
 @click.option("--min-area", "min_area_m2", default=None, metavar="M2|CLASS=M2,...",
               help="Drop polygons smaller than this many m²: one value, or per class (building=10,water=200).")
+@click.option("--regularize", is_flag=True,
+              help="Building outlines with straight edges and right angles (the class named building).")
 @overwrite_option
 @json_option
 @click.pass_context
 def vectorize(ctx: click.Context, classes: str, output: str, class_names: str | None, skip: str | None,
-              min_area_m2: str | None, overwrite: bool, as_json: bool) -> None:
+              min_area_m2: str | None, regularize: bool, overwrite: bool, as_json: bool) -> None:
     """Turn a class raster into a styled GeoPackage (the polygon step of predict, on its own).
 
     \b
@@ -35,7 +37,7 @@ def vectorize(ctx: click.Context, classes: str, output: str, class_names: str | 
     skips = [s.strip() for s in skip.split(",") if s.strip()] if skip is not None else None
     with StageBars("vectorize", quiet=bool(ctx.obj.get("quiet")), units={"vectorize": "row"}) as progress:
         result = run(classes, output, class_names=names, skip=skips, min_area_m2=parse_min_area(min_area_m2),
-                     overwrite=overwrite, progress=progress)
+                     overwrite=overwrite, progress=progress, regularize=regularize)
     if as_json:
         echo_json(result.to_dict())
         return
