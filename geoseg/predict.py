@@ -419,6 +419,7 @@ class Segmentation:
     tile_size: int
     overlap: int
     pixels: dict[str, int]  # pixel count per class
+    work_gsd: float | None = None  # the GSD the model ran at, when the scene was read resampled
 
 
 MAX_UPSAMPLING = 8.0
@@ -631,7 +632,8 @@ def segment(
         (out_dir / "work").mkdir(exist_ok=True)
         seg = segment(work, bundle, out_dir / "work", options=dataclasses.replace(options, gsd="native"),
                       probs=probs, progress=progress, timings=timings)
-        return resample_to_scene(seg, info, out_dir, classes=len(meta.classes), chunk_width=options.chunk_width)
+        back = resample_to_scene(seg, info, out_dir, classes=len(meta.classes), chunk_width=options.chunk_width)
+        return dataclasses.replace(back, work_gsd=seg.info.gsd)
     tile_size, overlap = effective_tiling(
         info,
         tile_size=options.tile_size or meta.tile_size,
@@ -728,8 +730,10 @@ def predict(
             min_area_m2=min_area,
         )
         if regularize:
+            # the outlines' detail is the model's pixel when the scene was read resampled
+            coarser = max(1.0, (seg.work_gsd or info.gsd) / info.gsd)
             batches = polygons.regularize_batches(batches, class_id=building_class(class_names),
-                                                  pixel=abs(info.transform.a))
+                                                  pixel=abs(info.transform.a) * coarser)
         totals = outputs.write_polygon_stream(
             gpkg_tmp, batches, class_names=class_names, layers=kept, crs=info.crs,
             colors={name: tuple(c) for name, c in zip(class_names, colors)}, metadata=run_meta,
