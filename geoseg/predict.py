@@ -534,6 +534,16 @@ def forward(model, x: np.ndarray, tta: str = "none") -> np.ndarray:
     return total / len(views)
 
 
+def _release_keras() -> None:
+    """Drop Keras' global state and collect garbage, so a model no longer referenced frees memory."""
+    import gc
+
+    import keras
+
+    keras.backend.clear_session()
+    gc.collect()
+
+
 class _Background:
     """Run ``fn(*args)`` in a daemon thread (never holds up an interrupted run's exit)."""
 
@@ -685,7 +695,8 @@ def predict(
     for path in (output, raster_out, probs_out):
         if path is not None:
             check_output(path, overwrite=overwrite)
-    if bundle is None:
+    own_model = bundle is None
+    if own_model:
         bundle = load_model_for(model, options)
     meta = bundle.meta
     timings["load"] = round(time.perf_counter() - t_start, 3)
@@ -701,6 +712,9 @@ def predict(
         probs_tmp = staging.output(probs_out) if probs_out else None
         seg = segment(info, bundle, staging.scratch(output), options=options, probs=probs_out is not None,
                       progress=progress, timings=timings)
+        if own_model:  # polygonizing does not need the model: give its memory back first
+            bundle = dataclasses.replace(bundle, model=None)
+            _release_keras()
 
         run_meta = {
             "geoseg_version": geoseg.__version__,
