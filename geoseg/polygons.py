@@ -19,7 +19,7 @@ from __future__ import annotations
 import gc
 import math
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -171,7 +171,7 @@ def iter_polygons(
     limit = np.array([thresholds[n] for n in class_names])
     kept = np.array([i not in skip for i in range(len(class_names))])
 
-    with rasterio.open(class_path) as ds, (rasterio.open(score_path) if score_path else _nullcontext()) as sds:
+    with rasterio.open(class_path) as ds, (rasterio.open(score_path) if score_path else nullcontext()) as sds:
         if ds.crs is None:
             raise InputError(
                 f"{class_path} has no CRS: areas in m² need one; assign it (e.g. with "
@@ -234,14 +234,6 @@ def iter_polygons(
                 progress(h)
             for cid, gs, ss, cs in state.finish(open_ids):
                 yield from _batch(cid, _to_world(gs, ds.transform), ss, cs, crs, limit, score_scale, sds is not None)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _label_regions(cls: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

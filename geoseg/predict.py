@@ -561,7 +561,7 @@ class _Background:
 
 
 def _sha256_or_blank(path: str | os.PathLike) -> str:
-    from geoseg.vectorize import file_sha256
+    from geoseg.models.bundle import file_sha256
 
     try:
         return file_sha256(path)

@@ -9,7 +9,6 @@ in strips, so the raster never has to fit in memory.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -24,15 +23,10 @@ import rasterio
 import geoseg
 from geoseg.atomic import Staging, check_output
 from geoseg.errors import InputError
+from geoseg.models.bundle import file_sha256
+from geoseg.training import PALETTE
 
 log = logging.getLogger(__name__)
-
-#: Colours for classes without one, by class id (background first).
-PALETTE = (
-    (0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-)
-
 
 @dataclass
 class VectorizeResult:
@@ -45,14 +39,6 @@ class VectorizeResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def raster_classes(path: str | os.PathLike, names: Sequence[str] | None = None) -> tuple[list[str], list[tuple[int, int, int]]]:
