@@ -6,7 +6,8 @@
   (``driver="COG"`` on a rasterio dataset would buffer the whole raster), nearest overviews.
 - :func:`write_raster_qml` / :func:`layer_qml`: QGIS styles, so classes show named and coloured.
 - :func:`write_geopackage`: one layer per class plus ``layer_styles`` (QGIS default styles) and
-  ``geoseg_run`` (run metadata); :func:`read_run_metadata` reads the latter back.
+  ``geoseg_run`` (run metadata); :func:`read_run_metadata` reads the latter back;
+  :func:`write_line_layer` adds a styled line layer (road centre-lines) to one.
 
 Callers write to a temporary name and rename (outputs appear whole or not at all).
 """
@@ -635,6 +636,41 @@ def write_polygon_stream(
     for cid in list(waiting):
         flush(cid)
     return totals
+
+
+def write_line_layer(
+    path: str | os.PathLike,
+    name: str,
+    frame: gpd.GeoDataFrame,
+    *,
+    color: RGB,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Add a LineString layer (e.g. road centre-lines) to a GeoPackage made by :func:`write_geopackage`
+    or :func:`write_polygon_stream`, with its own columns as they are, its default QGIS style (a
+    line in ``color``, categorized on ``class_name``) and more ``metadata`` rows in ``geoseg_run``."""
+    import pyogrio
+
+    path = os.fspath(path)
+    if not name or name in {STYLE_TABLE, RUN_TABLE} or name.lower().startswith(("gpkg_", "rtree_")):
+        raise OutputError(f"layer name {name!r} is empty or reserved")
+    if "class_name" not in frame.columns:
+        raise OutputError(f"layer {name!r} has no class_name column; its style is categorized on it")
+    class_name = str(frame["class_name"].iloc[0]) if len(frame) else name
+    try:
+        pyogrio.write_dataframe(frame, path, layer=name, driver="GPKG", geometry_type="LineString")
+        column = pyogrio.read_info(path, layer=name)["geometry_name"]
+        with closing(sqlite3.connect(path)) as db, db:
+            db.execute(
+                f"INSERT INTO {STYLE_TABLE} (f_table_schema, f_table_name, f_geometry_column, styleName, "
+                "styleQML, styleSLD, useAsDefault, description) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                ("", name, column, name, layer_qml(class_name=class_name, color=color, geometry="line"), "", 1,
+                 f"geoseg default style for {name}"),
+            )
+            db.executemany(f"INSERT OR REPLACE INTO {RUN_TABLE} (key, value) VALUES (?, ?)",
+                           [(str(k), str(v)) for k, v in (metadata or {}).items()])
+    except (OSError, sqlite3.Error, pyogrio.errors.DataSourceError) as exc:
+        raise OutputError(f"writing layer {name} to {path} failed: {exc}; check free disk space") from exc
 
 
 def _layer_frame(frame: gpd.GeoDataFrame) -> tuple[gpd.GeoDataFrame, str]:

@@ -76,6 +76,7 @@ class PredictResult:
     pixels: dict[str, int] = field(default_factory=dict)
     area_m2: dict[str, float] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
+    centerlines: dict | None = None  # centrelines.Centrelines.summary() of the road_centerline layer
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -677,9 +678,14 @@ def predict(
     progress: Progress | None = None,
     bundle=None,
     regularize: bool = False,
+    centerlines: bool | None = None,
+    centerline_options=None,
 ) -> PredictResult:
     """Segment ``scene`` and write the GeoPackage ``output`` (and optional rasters), all or nothing.
-    ``regularize``: straight, right-angled outlines for the ``building`` class (``geoseg.regularize``)."""
+    ``regularize``: straight, right-angled outlines for the ``building`` class (``geoseg.regularize``).
+    ``centerlines``: a ``road_centerline`` line layer too (``geoseg.centrelines``; None: when the model
+    has a class named ``centerline_options.class_name``, default ``road``)."""
+    from geoseg import centrelines as roads
     from geoseg import outputs, polygons
 
     timings: dict[str, float] = {}
@@ -705,6 +711,11 @@ def predict(
     min_area = min_areas(options, meta)
     if regularize:
         building_class(class_names)  # fail before the model runs
+    line_options = centerline_options or roads.CentrelineOptions()
+    if centerlines is not False:
+        line_options.check()
+    if centerlines:
+        roads.road_class(class_names, line_options.class_name, required=True)
     scene_hash = _Background(_sha256_or_blank, info.path)  # the scene's checksum, read while the model runs
     with Staging(overwrite=overwrite) as staging:
         gpkg_tmp = staging.output(output)
@@ -755,6 +766,12 @@ def predict(
         )
         timings["polygonize"] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()
+        lines = roads.write_centreline_layer(gpkg_tmp, seg.class_path, class_names=class_names,
+                                             colors={name: tuple(c) for name, c in zip(class_names, colors)},
+                                             enabled=centerlines, options=line_options)
+        if lines:
+            timings["centerlines"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
         if raster_tmp:
             outputs.write_cog(
                 seg.class_path,
@@ -795,4 +812,5 @@ def predict(
         area_m2={name: round(area, 3) for name, (_, area) in totals.items()},
         pixels=seg.pixels,
         timings_s=timings,
+        centerlines=lines,
     )

@@ -36,6 +36,7 @@ class VectorizeResult:
     counts: dict[str, int]
     area_m2: dict[str, float]
     timings_s: dict[str, float] = field(default_factory=dict)
+    centerlines: dict | None = None  # centrelines.Centrelines.summary() of the road_centerline layer
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -83,12 +84,18 @@ def vectorize(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
     regularize: bool = False,
+    centerlines: bool | None = None,
+    centerline_options=None,
 ) -> VectorizeResult:
     """Polygonize ``class_path`` into a new GeoPackage ``output``: one styled layer per class not
     in ``skip`` (names or ids; default: class 0, the background), all or nothing.
 
     ``min_area_m2`` defaults to the raster's ``min_area_m2`` tag (predict stores the values it
-    used), so vectorizing predict's class raster gives predict's polygons; otherwise 0."""
+    used), so vectorizing predict's class raster gives predict's polygons; otherwise 0.
+
+    ``centerlines``: also write the ``road_centerline`` line layer (``geoseg.centrelines``) of the
+    class named ``centerline_options.class_name`` (default ``road``); None: when there is one."""
+    from geoseg import centrelines as roads
     from geoseg import outputs, polygons
     from geoseg.scene import open_dataset
 
@@ -127,6 +134,11 @@ def vectorize(
     if any(not v >= 0 for v in areas.values()):
         raise InputError(f"--min-area must be >= 0 square metres, got {min_area_m2}")
     layers = [n for i, n in enumerate(names) if i not in skip_ids]
+    line_options = centerline_options or roads.CentrelineOptions()
+    if centerlines is not False:
+        line_options.check()
+    if centerlines:
+        roads.road_class(names, line_options.class_name, required=True)  # fail before any work
     if regularize:
         from geoseg.predict import building_class
 
@@ -160,9 +172,15 @@ def vectorize(
         totals = outputs.write_polygon_stream(tmp, batches, class_names=names, layers=layers, crs=crs,
                                               colors=dict(zip(names, colors)), metadata=meta,
                                               columns={"building": polygons.REGULARIZE_COLUMNS} if regularize else None)
+        t0 = time.perf_counter()
+        lines = roads.write_centreline_layer(tmp, class_path, class_names=names, colors=dict(zip(names, colors)),
+                                             enabled=centerlines, options=line_options)
+        centerline_s = time.perf_counter() - t0
         staging.commit()
     return VectorizeResult(
         source=str(class_path), output=str(output), class_names=names,
         counts={k: n for k, (n, _) in totals.items()}, area_m2={k: round(a, 3) for k, (_, a) in totals.items()},
-        timings_s={"total": round(time.perf_counter() - t_start, 3)},
+        timings_s={"total": round(time.perf_counter() - t_start, 3),
+                   **({"centerlines": round(centerline_s, 3)} if lines else {})},
+        centerlines=lines,
     )

@@ -119,6 +119,38 @@ def pop_predict_options(kwargs: dict[str, Any], **extra: Any) -> Any:
     return PredictOptions(**{k: kwargs.pop(k) for k in _INFERENCE_KEYS}, **extra)
 
 
+_CENTERLINES = [
+    click.option("--centerlines/--no-centerlines", "centerlines", default=None,
+                 help="Also write a road_centerline line layer: the road class's skeleton as a network "
+                      "(spurs pruned, junctions kept, small gaps bridged, length_m). Default: on when a "
+                      "class is named road (or --centerline-class)."),
+    click.option("--centerline-class", default="road", show_default=True, metavar="NAME",
+                 help="The class whose centre-lines are drawn."),
+    click.option("--spur-m", type=float, default=None, metavar="M",
+                 help="Prune dead-end branches shorter than this many metres. Default: twice the road "
+                      "width measured on the mask."),
+    click.option("--bridge-m", type=float, default=None, metavar="M",
+                 help="Join a road end to a road or end up to this many metres away when it points at it. "
+                      "Default: twice the road width measured on the mask; 0: never."),
+]
+
+
+def centerline_options(f: Callable) -> Callable:
+    """The road centre-line options of predict and vectorize."""
+    for option in reversed(_CENTERLINES):
+        f = option(f)
+    return f
+
+
+def pop_centerline_options(kwargs: dict[str, Any]) -> tuple[bool | None, Any]:
+    """Take the ``centerline_options`` out of a command's keyword arguments: (on/off/None, CentrelineOptions)."""
+    from geoseg.centrelines import CentrelineOptions
+
+    options = CentrelineOptions(class_name=kwargs.pop("centerline_class"), spur_m=kwargs.pop("spur_m"),
+                                bridge_m=kwargs.pop("bridge_m"))
+    return kwargs.pop("centerlines"), options
+
+
 def echo_json(doc: Any) -> None:
     click.echo(json.dumps(doc, indent=2, default=str))
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from geoseg.cli.options import (
-    StageBars, echo_json, inference_options, json_option, logger, model_option, output_option, overwrite_option,
-    pop_predict_options,
+    StageBars, centerline_options, echo_json, inference_options, json_option, logger, model_option, output_option,
+    overwrite_option, pop_centerline_options, pop_predict_options,
 )
 
 
@@ -24,6 +24,7 @@ from geoseg.cli.options import (
 @click.option("--regularize", is_flag=True,
               help="Building outlines with straight edges and right angles along each building's orientation "
                    "(falls back to the plain outline when that would change it too much).")
+@centerline_options
 @inference_options
 @overwrite_option
 @json_option
@@ -40,15 +41,19 @@ def predict(ctx: click.Context, scene: str, output: str, model: str | None, rast
 
     from geoseg.predict import parse_min_area
 
+    centerlines, line_options = pop_centerline_options(inference)
     options = pop_predict_options(inference, min_area_m2=parse_min_area(min_area_m2))
     with StageBars("predict", quiet=bool(ctx.obj.get("quiet"))) as progress:
         result = run(scene, output, model=model, raster_out=raster_out, probs_out=probs_out,
-                     options=options, overwrite=overwrite, progress=progress, regularize=regularize)
+                     options=options, overwrite=overwrite, progress=progress, regularize=regularize,
+                     centerlines=centerlines, centerline_options=line_options)
     if as_json:
         echo_json(result.to_dict())
         return
     log = logger()
     for name, n in result.counts.items():
         log.info("%s: %d polygons, %.1f m²", name, n, result.area_m2[name])
+    if result.centerlines:
+        log.info("road_centerline: {lines} lines, {length_m:.0f} m, {junctions} junctions".format(**result.centerlines))
     log.info("wrote %s in %.1f s (%d tiles, %d skipped as nodata)", ", ".join(result.outputs.values()),
              result.timings_s["total"], result.tiles["total"], result.tiles["skipped"])
