@@ -40,7 +40,9 @@ __all__ = [
     "class_colormap",
     "write_raster_qml",
     "layer_qml",
+    "categorized_qml",
     "write_geopackage",
+    "append_layer",
     "read_run_metadata",
 ]
 
@@ -417,12 +419,46 @@ def layer_qml(*, class_name: str, color: RGB, geometry: str = "polygon") -> str:
     Polygons: the class colour at 60 % opacity with a darker outline; ``geometry="line"``
     draws a line in the class colour (for road centre-lines).
     """
+    return categorized_qml(attr="class_name", categories=[(str(class_name), str(class_name), color)],
+                           geometry=geometry)
+
+
+def categorized_qml(*, attr: str, categories: Sequence[tuple[str, str, RGB]], geometry: str = "polygon") -> str:
+    """QML of a categorized renderer on the attribute ``attr``: one ``(value, label, colour)`` per
+    category, each drawn like :func:`layer_qml` draws a class (e.g. ``change`` = appeared /
+    disappeared in two colours)."""
     if geometry not in ("polygon", "line"):
         raise InputError(f"geometry={geometry!r} is not 'polygon' or 'line'")
+    if not categories:
+        raise InputError("a categorized style needs at least one category")
+    geometry_type = "2" if geometry == "polygon" else "1"
+    root = _qgis_root(styleCategories="Symbology")
+    renderer = ET.SubElement(
+        root,
+        "renderer-v2",
+        type="categorizedSymbol", attr=str(attr), symbollevels="0", enableorderby="0",
+        forceraster="0", referencescale="-1",
+    )
+    cats = ET.SubElement(renderer, "categories")
+    for i, (value, label, _) in enumerate(categories):
+        ET.SubElement(cats, "category", symbol=str(i), value=str(value), label=str(label), render="true",
+                      type="string")
+    symbols = ET.SubElement(renderer, "symbols")
+    for i, (_, _, color) in enumerate(categories):
+        _symbol(symbols, str(i), color, geometry)
+    _symbol(ET.SubElement(renderer, "source-symbol"), "0", categories[0][2], geometry)
+    ET.SubElement(root, "blendMode").text = "0"
+    ET.SubElement(root, "featureBlendMode").text = "0"
+    ET.SubElement(root, "layerGeometryType").text = geometry_type
+    return _to_qml(root)
+
+
+def _symbol(parent: ET.Element, name: str, color: RGB, geometry: str) -> None:
+    """One QGIS symbol: a fill at 60 % opacity with a darker outline, or a line."""
     r, g, b = _rgb(color)
     dark = tuple(int(c * 0.6) for c in (r, g, b))
     if geometry == "polygon":
-        symbol_type, layer_class, geometry_type = "fill", "SimpleFill", "2"
+        symbol_type, layer_class = "fill", "SimpleFill"
         props = {
             "color": f"{r},{g},{b},153",
             "style": "solid",
@@ -433,7 +469,7 @@ def layer_qml(*, class_name: str, color: RGB, geometry: str = "polygon") -> str:
             "joinstyle": "miter",
         }
     else:
-        symbol_type, layer_class, geometry_type = "line", "SimpleLine", "1"
+        symbol_type, layer_class = "line", "SimpleLine"
         props = {
             "line_color": f"{r},{g},{b},255",
             "line_style": "solid",
@@ -442,37 +478,17 @@ def layer_qml(*, class_name: str, color: RGB, geometry: str = "polygon") -> str:
             "capstyle": "round",
             "joinstyle": "round",
         }
-    root = _qgis_root(styleCategories="Symbology")
-    renderer = ET.SubElement(
-        root,
-        "renderer-v2",
-        type="categorizedSymbol", attr="class_name", symbollevels="0", enableorderby="0",
-        forceraster="0", referencescale="-1",
+    symbol = ET.SubElement(
+        parent, "symbol",
+        type=symbol_type, name=name, alpha="1", clip_to_extent="1", force_rhr="0",
+        frame_rate="10", is_animated="0",
     )
-    categories = ET.SubElement(renderer, "categories")
-    ET.SubElement(
-        categories, "category", symbol="0", value=str(class_name), label=str(class_name),
-        render="true", type="string",
-    )
-    symbols = ET.SubElement(renderer, "symbols")
-    for parent, name in ((symbols, "0"), (ET.SubElement(renderer, "source-symbol"), "0")):
-        symbol = ET.SubElement(
-            parent, "symbol",
-            type=symbol_type, name=name, alpha="1", clip_to_extent="1", force_rhr="0",
-            frame_rate="10", is_animated="0",
-        )
-        layer = ET.SubElement(
-            symbol, "layer", {"class": layer_class, "enabled": "1", "pass": "0", "locked": "0"}
-        )
-        options = ET.SubElement(layer, "Option", type="Map")  # QGIS >= 3.26
-        for key, value in props.items():
-            ET.SubElement(options, "Option", name=key, type="QString", value=value)
-        for key, value in props.items():  # older QGIS reads <prop>
-            ET.SubElement(layer, "prop", k=key, v=value)
-    ET.SubElement(root, "blendMode").text = "0"
-    ET.SubElement(root, "featureBlendMode").text = "0"
-    ET.SubElement(root, "layerGeometryType").text = geometry_type
-    return _to_qml(root)
+    layer = ET.SubElement(symbol, "layer", {"class": layer_class, "enabled": "1", "pass": "0", "locked": "0"})
+    options = ET.SubElement(layer, "Option", type="Map")  # QGIS >= 3.26
+    for key, value in props.items():
+        ET.SubElement(options, "Option", name=key, type="QString", value=value)
+    for key, value in props.items():  # older QGIS reads <prop>
+        ET.SubElement(layer, "prop", k=key, v=value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,13 +524,15 @@ def write_geopackage(
     *,
     colors: Mapping[str, RGB],
     metadata: Mapping[str, str] | None = None,
+    styles: Mapping[str, str] | None = None,
 ) -> None:
     """Write a new GeoPackage: one layer per entry (in order, empty ones too) plus styles.
 
     Each layer gets the columns ``class_name, class_id (int32), area_m2, perimeter_m, score``
     (missing ones are added empty), any extra columns, and MultiPolygon geometry in the frame's
     CRS (MultiLineString when the frame holds lines). ``layer_styles`` holds one default QGIS
-    style per layer (``colors[layer name]``) and ``geoseg_run`` holds ``metadata``.
+    style per layer (``colors[layer name]``, or the QML ``styles[layer name]`` where given, e.g.
+    from :func:`categorized_qml`) and ``geoseg_run`` holds ``metadata``.
     ``path`` must end in ".gpkg" and must not exist (pass a temporary name, then rename).
     """
     import pyogrio
@@ -530,11 +548,12 @@ def write_geopackage(
     for name in layers:
         if not name or name in reserved or name.lower().startswith(("gpkg_", "rtree_")):
             raise OutputError(f"layer name {name!r} is empty or reserved; rename the class")
-    missing = [name for name in layers if name not in colors]
+    styles = dict(styles or {})
+    missing = [name for name in layers if name not in colors and name not in styles]
     if missing:
         raise OutputError(f"no colour for layer(s) {missing}; add them to colors")
 
-    styles = []
+    rows = []
     try:
         for name, frame in layers.items():
             frame, geometry = _layer_frame(frame)
@@ -548,13 +567,13 @@ def write_geopackage(
                 dataset_options={"VERSION": "1.3"},
             )
             class_name = str(frame["class_name"].iloc[0]) if len(frame) else name
-            qml = layer_qml(
+            qml = styles.get(name) or layer_qml(
                 class_name=class_name,
                 color=colors[name],
                 geometry="line" if "Line" in geometry else "polygon",
             )
             column = pyogrio.read_info(path, layer=name)["geometry_name"]
-            styles.append(("", name, column, name, qml, "", 1, f"geoseg default style for {name}"))
+            rows.append(("", name, column, name, qml, "", 1, f"geoseg default style for {name}"))
 
         with closing(sqlite3.connect(path)) as db, db:
             db.execute(_STYLE_DDL)
@@ -562,7 +581,7 @@ def write_geopackage(
                 f"INSERT INTO {STYLE_TABLE} (f_table_schema, f_table_name, f_geometry_column, "
                 "styleName, styleQML, styleSLD, useAsDefault, description) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                styles,
+                rows,
             )
             db.execute(_CONTENTS_SQL, (STYLE_TABLE, STYLE_TABLE, "QGIS layer styles"))
             db.execute(_RUN_DDL)
@@ -636,6 +655,18 @@ def write_polygon_stream(
     for cid in list(waiting):
         flush(cid)
     return totals
+
+
+def append_layer(path: str | os.PathLike, layer: str, frame: gpd.GeoDataFrame) -> None:
+    """Append polygons to a layer made by :func:`write_geopackage` (same schema and column order)."""
+    import pyogrio
+
+    frame, _ = _layer_frame(frame)
+    try:
+        pyogrio.write_dataframe(frame, os.fspath(path), layer=layer, driver="GPKG", append=True,
+                                promote_to_multi=True, geometry_type="MultiPolygon")
+    except (OSError, pyogrio.errors.DataSourceError) as exc:
+        raise OutputError(f"writing {path} failed: {exc}; check free disk space") from exc
 
 
 def write_line_layer(
