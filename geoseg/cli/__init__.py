@@ -44,13 +44,14 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
 
 
 def _register() -> None:
-    from geoseg.cli import evaluate, models, predict, train, vectorize
+    from geoseg.cli import change, evaluate, models, predict, train, vectorize
 
     cli.add_command(predict.predict)
     cli.add_command(train.train)
     cli.add_command(evaluate.evaluate)
     cli.add_command(vectorize.vectorize)
     cli.add_command(models.models)
+    cli.add_command(change.change)
 
 
 _register()
