@@ -67,24 +67,25 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 @dataclass(frozen=True)
 class ChangeOptions:
-    """What counts as a change (one field per option of ``geoseg change``).
+    """What counts as a change: one field per option of ``geoseg change``, named like it.
 
-    - ``min_area_m2``: drop change polygons smaller than this (true m²). ``None``: 4 pixels of the
-      common grid.
+    - ``min_area``: drop change polygons smaller than this many square metres (true m²). ``None``:
+      4 pixels of the common grid.
     - ``margin``: probability margin in [0, 1). A pixel whose class went from A (BEFORE) to B
       (AFTER) counts only if A beats B by at least ``margin`` on BEFORE (p_before(A) -
       p_before(B) >= margin) and B beats A by at least ``margin`` on AFTER. A date given as a
       class raster has no probabilities: its class has probability 1, so it always passes.
-    - ``tolerance_m``: misregistration tolerance in metres. A pixel from A to B does not count when
+    - ``tolerance``: misregistration tolerance in metres. A pixel from A to B does not count when
       a shift of at most this distance explains it: B occurs within the radius on BEFORE and A
       occurs within the radius on AFTER. ``None``: 3 m or 1.5 pixels of the common grid, whichever
       is larger; 0 turns it off.
-    - ``classes``: names of the class ids of class rasters that carry no ``class_names`` tag.
+    - ``classes``: names of the class ids of class rasters that carry no ``class_names`` tag (a
+      sequence, or one string of comma-separated names).
     """
 
-    min_area_m2: float | None = None
+    min_area: float | None = None  # m²
     margin: float = 0.0
-    tolerance_m: float | None = None
+    tolerance: float | None = None  # metres
     classes: tuple[str, ...] | None = None
 
 
@@ -182,12 +183,15 @@ def detect_input(path: str | os.PathLike, role: str, *, classes: Sequence[str] |
                      read_path=str(path), read_kind=kind)
 
 
+_KIND_WORDS = {"scene": "the model's", "classes": "a class raster", "probs": "a probabilities raster"}
+
+
 def _same_classes(before: DateInput, after: DateInput) -> None:
     if tuple(before.class_names) != tuple(after.class_names):
         raise InputError(
-            f"BEFORE has classes {','.join(before.class_names)} ({before.kind}) but AFTER has "
-            f"{','.join(after.class_names)} ({after.kind}); compare outputs of the same model, or name a "
-            f"class raster's ids with --classes"
+            f"BEFORE has classes {','.join(before.class_names)} ({_KIND_WORDS[before.kind]}) but AFTER has "
+            f"{','.join(after.class_names)} ({_KIND_WORDS[after.kind]}); compare outputs of the same model, or "
+            f"name a class raster's ids with --classes"
         )
 
 
@@ -362,7 +366,9 @@ def compare(cls_b: np.ndarray, cls_a: np.ndarray, valid: np.ndarray, probs_b: np
             return cache[key]
 
         explained = np.zeros(cand.shape, bool)
-        for i, j in {(int(i), int(j)) for i, j in np.unique(np.stack([cls_b[cand], cls_a[cand]], 1), axis=0)}:
+        present = np.flatnonzero(np.bincount(cls_b[cand].astype(np.int64) * n_classes + cls_a[cand],
+                                             minlength=n_classes * n_classes))
+        for i, j in (divmod(int(k), n_classes) for k in present):
             sel = cand & (cls_b == i) & (cls_a == j)
             explained[sel] = near(0, cls_b, j)[sel] & near(1, cls_a, i)[sel]
         by_tolerance = int((explained & cand)[core].sum())
@@ -481,6 +487,8 @@ def change(
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    if isinstance(options.classes, str):
+        options = replace(options, classes=tuple(c.strip() for c in options.classes.split(",")))
     _check_options(options)
     if Path(output).suffix.lower() != ".gpkg":
         raise InputError(f"-o {output}: the change polygons go to a GeoPackage; use a name ending in .gpkg")
@@ -508,7 +516,7 @@ def change(
     background = set(meta.background) if meta is not None else {0}
     grid = common_grid(b, a)
     tolerance = _tolerance(options, grid)
-    min_area = options.min_area_m2 if options.min_area_m2 is not None else DEFAULT_MIN_AREA_PX * grid.pixel_m[0] * grid.pixel_m[1]
+    min_area = options.min_area if options.min_area is not None else DEFAULT_MIN_AREA_PX * grid.pixel_m[0] * grid.pixel_m[1]
     for path in (output, raster_out):  # outputs before any heavy work
         if path is not None:
             check_output(path, overwrite=overwrite)
@@ -520,11 +528,13 @@ def change(
         gpkg_tmp = staging.output(output)
         raster_tmp = staging.output(raster_out) if raster_out else None
         scratch = staging.scratch(output)
-        timings["load"] = round(time.perf_counter() - t_start, 3)
+        timings["prepare"] = round(time.perf_counter() - t_start, 3)
         if scenes:
             own_model = bundle is None
+            t0 = time.perf_counter()
             if own_model:
                 bundle = load_model_for(model, predict_options)
+                timings["load_model"] = round(time.perf_counter() - t0, 3)
             t0 = time.perf_counter()
             for i, d in enumerate(dates):
                 if d.kind != "scene":
@@ -557,9 +567,11 @@ def change(
         run_meta = {
             "geoseg_version": geoseg.__version__,
             "command": "change",
-            **{f"{d.role.lower()}{k}": v for d in dates for k, v in
-               (("", str(Path(d.path).resolve())), ("_kind", d.kind))},
+            "before": str(Path(b.path).resolve()),
+            "before_kind": b.kind,
             "before_sha256": hashes["BEFORE"].result(),
+            "after": str(Path(a.path).resolve()),
+            "after_kind": a.kind,
             "after_sha256": hashes["AFTER"].result(),
             **({"model_name": model_info["name"], "model_sha256": model_info["sha256"],
                 "model_path": model_info["path"], "tile_size": str(predict_options.tile_size or ""),
@@ -636,12 +648,12 @@ def _looks_like_classes(ds, n: int) -> tuple[bool, int]:
 
 
 def _check_options(options: ChangeOptions) -> None:
-    m = options.min_area_m2
+    m = options.min_area
     if m is not None and not (isinstance(m, (int, float)) and math.isfinite(m) and m >= 0):
         raise InputError(f"--min-area {m}: give an area >= 0 in square metres")
     if not (isinstance(options.margin, (int, float)) and 0 <= options.margin < 1):
         raise InputError(f"--margin {options.margin}: give a probability margin from 0 (off) up to, not including, 1")
-    t = options.tolerance_m
+    t = options.tolerance
     if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
         raise InputError(f"--tolerance {t}: give a distance >= 0 in metres (0 turns it off)")
     if options.classes is not None:
@@ -651,8 +663,8 @@ def _check_options(options: ChangeOptions) -> None:
 
 
 def _tolerance(options: ChangeOptions, grid: Grid) -> float:
-    if options.tolerance_m is not None:
-        return float(options.tolerance_m)
+    if options.tolerance is not None:
+        return float(options.tolerance)
     return max(DEFAULT_TOLERANCE_M, DEFAULT_TOLERANCE_PX * max(grid.pixel_m))
 
 

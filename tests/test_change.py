@@ -80,6 +80,22 @@ AFTER_IDS = [i for i in BEFORE_IDS if i not in REMOVED] + ADDED
 SHIFT = (1.5, -2.0)  # metres: AFTER is misregistered by 2.5 m
 
 
+def render(path, boxes, ids, *, crs, res, extent, shift=(0.0, 0.0), p=(0.04, 0.92)):
+    """Probabilities of the buildings ``ids`` (moved by ``shift`` metres in UTM) on a grid in ``crs``
+    with pixels of ``res`` (x, y) CRS units covering ``extent`` (a UTM rectangle)."""
+    to_crs = Transformer.from_crs(UTM, crs, always_xy=True)
+
+    def moved(g):
+        g = shapely.affinity.translate(g, *shift)
+        return shapely.transform(g, lambda xy: np.column_stack(to_crs.transform(xy[:, 0], xy[:, 1])))
+
+    left, bottom, right, top = moved(shapely.box(*extent)).bounds
+    transform = from_origin(left, top, *res)
+    shape = (round((top - bottom) / res[1]), round((right - left) / res[0]))
+    mask = rasterize([(moved(boxes[i]), 1) for i in ids], out_shape=shape, transform=transform)
+    return probs_raster(path, np.where(mask, p[1], p[0]), crs=crs, transform=transform)
+
+
 @pytest.fixture(scope="module")
 def two_dates(tmp_path_factory):
     """BEFORE: probabilities in UTM 33N at 0.5 m. AFTER: buildings 2 and 5 demolished, 9 and 10 new,
@@ -87,27 +103,16 @@ def two_dates(tmp_path_factory):
     slightly different extent."""
     folder = tmp_path_factory.mktemp("dates")
     boxes = town()
-    tb = from_origin(X0, Y0, 0.5, 0.5)
-    mb = rasterize([(boxes[i], 1) for i in BEFORE_IDS], out_shape=(240, 320), transform=tb)
-    before = probs_raster(folder / "before.tif", np.where(mb, 0.92, 0.04), transform=tb)
-    to_3857 = Transformer.from_crs(UTM, "EPSG:3857", always_xy=True)
-
-    def moved(g):
-        g = shapely.affinity.translate(g, *SHIFT)
-        return shapely.transform(g, lambda xy: np.column_stack(to_3857.transform(xy[:, 0], xy[:, 1])))
-
-    left, bottom, right, top = moved(shapely.box(X0 + 5, Y0 - 125, X0 + 170, Y0 + 10)).bounds
-    ta = from_origin(left, top, 0.8, 0.8)
-    shape = (int((top - bottom) / 0.8), int((right - left) / 0.8))
-    ma = rasterize([(moved(boxes[i]), 1) for i in AFTER_IDS], out_shape=shape, transform=ta)
-    after = probs_raster(folder / "after.tif", np.where(ma, 0.9, 0.06), crs="EPSG:3857", transform=ta)
+    before = render(folder / "before.tif", boxes, BEFORE_IDS, crs=UTM, res=(0.5, 0.5), extent=(X0, Y0 - 120, X0 + 160, Y0))
+    after = render(folder / "after.tif", boxes, AFTER_IDS, crs="EPSG:3857", res=(0.8, 0.8), shift=SHIFT,
+                   extent=(X0 + 5, Y0 - 125, X0 + 170, Y0 + 10), p=(0.06, 0.9))
     return before, after, boxes
 
 
 def test_added_and_removed_buildings_give_one_polygon_each_and_shifted_ones_none(two_dates, tmp_path):
     before, after, boxes = two_dates
     out = tmp_path / "changes.gpkg"
-    result = run_change(before, after, out, options=ChangeOptions(min_area_m2=0))  # only the tolerance at work
+    result = run_change(before, after, out, options=ChangeOptions(min_area=0))  # only the tolerance at work
     layer = gpd.read_file(out, layer="building_change")
     assert layer.crs == UTM and shapely.is_valid(layer.geometry.values).all()
     assert result.tolerance_m == 3.0 and result.kinds == {"before": "probs", "after": "probs"}
@@ -133,7 +138,7 @@ def test_added_and_removed_buildings_give_one_polygon_each_and_shifted_ones_none
 
 def test_without_tolerance_the_shift_leaves_slivers_along_every_building(two_dates, tmp_path):
     before, after, boxes = two_dates
-    result = run_change(before, after, tmp_path / "c.gpkg", options=ChangeOptions(min_area_m2=0, tolerance_m=0))
+    result = run_change(before, after, tmp_path / "c.gpkg", options=ChangeOptions(min_area=0, tolerance=0))
     layer = gpd.read_file(tmp_path / "c.gpkg", layer="building_change")
     unchanged = [boxes[i] for i in BEFORE_IDS if i not in REMOVED]
     touched = sum(bool(layer.intersects(b.buffer(1)).any()) for b in unchanged)
@@ -179,6 +184,28 @@ def test_change_raster_gpkg_styles_and_run_table(two_dates, tmp_path):
     # the change raster is a class raster of transitions: geoseg vectorize reads it as one
     assert invoke("vectorize", raster, "-o", tmp_path / "v.gpkg").exit_code == 0
     assert len(gpd.read_file(tmp_path / "v.gpkg", layer="background_to_building")) == 2
+
+
+def test_a_geographic_before_gives_polygons_in_degrees_with_true_areas(tmp_path):
+    """BEFORE in lon/lat (pixels of about 0.5 m), AFTER in UTM at 0.6 m shifted by 2 m: the change
+    is in EPSG:4326, its areas in true m², and the tolerance (metres) still absorbs the shift."""
+    boxes = town()
+    before = render(tmp_path / "b.tif", boxes, BEFORE_IDS, crs="EPSG:4326", res=(6.4e-6, 4.5e-6),
+                    extent=(X0, Y0 - 120, X0 + 160, Y0))
+    after = render(tmp_path / "a.tif", boxes, AFTER_IDS, crs=UTM, res=(0.6, 0.6), shift=(1.2, -1.6),
+                   extent=(X0, Y0 - 120, X0 + 160, Y0))
+    seen = []
+    result = run_change(before, after, tmp_path / "c.gpkg", options=ChangeOptions(min_area=0),
+                        progress=lambda stage, done, total: seen.append((stage, done, total)))
+    layer = gpd.read_file(tmp_path / "c.gpkg", layer="building_change")
+    assert layer.crs == "EPSG:4326" and len(layer) == len(ADDED) + len(REMOVED)
+    assert result.grid["pixel_m"][0] == pytest.approx(0.5, rel=0.02)
+    utm = layer.to_crs(UTM)
+    for i in ADDED + REMOVED:
+        hit = layer[utm.intersects(boxes[i].buffer(3))]
+        assert len(hit) == 1 and hit.area_m2.iloc[0] == pytest.approx(boxes[i].area, rel=0.06), i
+    assert {s for s, _, _ in seen} == {"compare", "polygonize"}
+    assert [d == t for s, d, t in seen if s == "compare"][-1]
 
 
 # --- the pixel rules -------------------------------------------------------------------------------
@@ -412,7 +439,7 @@ def test_naip_date_against_itself_misregistered_on_another_grid_is_almost_no_cha
     before = ndvi_classes(image, tmp_path / "2009.tif")
     copy = warped_copy(image, tmp_path / "2009_utm15.tif", crs="EPSG:32615", res=6.0, shift=(2.5, -2.0))
     after = ndvi_classes(copy, tmp_path / "2009_utm15_classes.tif")
-    strict = run_change(before, after, tmp_path / "strict.gpkg", options=ChangeOptions(tolerance_m=0, min_area_m2=0))
+    strict = run_change(before, after, tmp_path / "strict.gpkg", options=ChangeOptions(tolerance=0, min_area=0))
     result = run_change(before, after, tmp_path / "c.gpkg")
     compared_m2 = result.pixels["compared"] * 25
     assert result.crs == "EPSG:26914" and result.tolerance_m == pytest.approx(7.5, rel=1e-3)

@@ -19,12 +19,12 @@ from geoseg.cli.options import (
               help="Also write the change raster on the common grid (uint8 transition codes, COG, QGIS .qml).")
 @click.option("--classes", "class_names", default=None, metavar="NAME,NAME,...",
               help="Names of the ids of class rasters that have no class_names tag (geoseg predict writes it).")
-@click.option("--min-area", "min_area_m2", type=float, default=None, metavar="M2",
+@click.option("--min-area", type=float, default=None, metavar="M2",
               help="Drop change polygons smaller than this many m². Default: 4 pixels of the common grid.")
 @click.option("--margin", type=float, default=0.0, show_default=True, metavar="P",
               help="Probability margin: a pixel from class A to B counts only if A beats B by P on BEFORE and "
                    "B beats A by P on AFTER (dates given as class rasters always pass).")
-@click.option("--tolerance", "tolerance_m", type=float, default=None, metavar="METRES",
+@click.option("--tolerance", type=float, default=None, metavar="METRES",
               help="Misregistration tolerance: a pixel from A to B does not count when B lies within this "
                    "distance on BEFORE and A within it on AFTER. Default: 3 m or 1.5 pixels, whichever is "
                    "larger; 0: off.")
@@ -33,7 +33,7 @@ from geoseg.cli.options import (
 @json_option
 @click.pass_context
 def change(ctx: click.Context, before: str, after: str, output: str, model: str | None, raster_out: str | None,
-           class_names: str | None, min_area_m2: float | None, margin: float, tolerance_m: float | None,
+           class_names: str | None, min_area: float | None, margin: float, tolerance: float | None,
            overwrite: bool, as_json: bool, **inference) -> None:
     """Compare two dates of a place: polygons of what appeared and what disappeared, per class.
 
@@ -49,7 +49,7 @@ def change(ctx: click.Context, before: str, after: str, output: str, model: str 
     from geoseg.change import change as run
 
     names = tuple(n.strip() for n in class_names.split(",")) if class_names is not None else None
-    options = ChangeOptions(min_area_m2=min_area_m2, margin=margin, tolerance_m=tolerance_m, classes=names)
+    options = ChangeOptions(min_area=min_area, margin=margin, tolerance=tolerance, classes=names)
     predict_options = pop_predict_options(inference)
     with StageBars("compare", quiet=bool(ctx.obj.get("quiet")),
                    units={"compare": "row", "polygonize": "row"}) as progress:
