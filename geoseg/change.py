@@ -337,14 +337,17 @@ def compare(cls_b: np.ndarray, cls_a: np.ndarray, valid: np.ndarray, probs_b: np
     cand = valid & (cls_b != cls_a)
     fb, ta = np.minimum(cls_b, n_classes - 1), np.minimum(cls_a, n_classes - 1)
 
-    def p(probs, ids):
+    def p(probs, own, ids):
+        """Probability of class ``ids`` on a date; a class raster (``probs`` None) gives 1 to its
+        own class ``own`` and 0 to the others."""
         if probs is None:
-            return np.ones(ids.shape, np.float32)
+            return (own == ids).astype(np.float32)
         return np.take_along_axis(probs, ids[None].astype(np.intp), 0)[0]
 
     by_margin = 0
     if margin > 0 and (probs_b is not None or probs_a is not None):
-        ok = (p(probs_b, fb) - p(probs_b, ta) >= margin) & (p(probs_a, ta) - p(probs_a, fb) >= margin)
+        ok = ((p(probs_b, cls_b, fb) - p(probs_b, cls_b, ta) >= margin)
+              & (p(probs_a, cls_a, ta) - p(probs_a, cls_a, fb) >= margin))
         by_margin = int((cand & ~ok)[core].sum())
         cand &= ok
     by_tolerance = 0
@@ -378,7 +381,7 @@ def compare(cls_b: np.ndarray, cls_a: np.ndarray, valid: np.ndarray, probs_b: np
     codes[~valid] = CODE_NODATA
     confidence = None
     if probs_b is not None or probs_a is not None:
-        conf = np.minimum(p(probs_b, fb), p(probs_a, ta))
+        conf = np.minimum(p(probs_b, cls_b, fb), p(probs_a, cls_a, ta))
         confidence = np.where(cand, np.clip(np.rint(conf * CONFIDENCE_SCALE), 1, CONFIDENCE_SCALE), 0).astype(np.uint16)
         confidence = confidence[core]
     codes = codes[core]
@@ -674,8 +677,8 @@ def _compare_dates(b: DateInput, a: DateInput, grid: Grid, code_path: Path, conf
     from geoseg.outputs import TiledTiffWriter
 
     common = dict(width=grid.width, height=grid.height, crs=grid.crs, transform=grid.transform)
-    rows = _strip_rows(grid.width)
     halo = math.ceil(tolerance_m / grid.pixel_m[1]) + 1 if tolerance_m > 0 else 0
+    rows = max(_strip_rows(grid.width), 4 * halo)  # the halo read twice costs at most half a strip more
     counts = {"compared": 0, "changed": 0, "suppressed_by_margin": 0, "suppressed_by_tolerance": 0}
     writers = [TiledTiffWriter(code_path, count=1, dtype="uint8", nodata=CODE_NODATA, **common)]
     if conf_path is not None:

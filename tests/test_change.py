@@ -208,6 +208,44 @@ def test_a_geographic_before_gives_polygons_in_degrees_with_true_areas(tmp_path)
     assert [d == t for s, d, t in seen if s == "compare"][-1]
 
 
+def test_an_interrupted_run_leaves_nothing_behind(two_dates, tmp_path, monkeypatch):
+    import geoseg.change as mod
+
+    before, after, _ = two_dates
+    calls = []
+
+    def interrupted(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return compare(*args, **kw)
+
+    monkeypatch.setattr(mod, "_STRIP_PIXELS", 7 * 300)
+    monkeypatch.setattr(mod, "compare", interrupted)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        run_change(before, after, tmp_path / "out" / "c.gpkg", raster_out=tmp_path / "out" / "c.tif")
+    assert len(calls) == 3 and list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_change_outputs_open_styled_in_qgis(two_dates, tmp_path):
+    """Real QGIS (optional, as in test_qgis.py) loads the layer's style by `change` and the change
+    raster's named palette."""
+    from tests.test_qgis import qgis_python, run_check
+
+    python = qgis_python()
+    before, after, _ = two_dates
+    out, raster = tmp_path / "c.gpkg", tmp_path / "c.tif"
+    run_change(before, after, out, raster_out=raster)
+    got = run_check(python, out, "--layers", "building_change", "--raster", raster)
+    layer = got["layers"]["building_change"]
+    assert layer["valid"] and layer["features"] == 4 and layer["renderer"] == "categorizedSymbol"
+    assert layer["attribute"] == "change"
+    assert [(c["value"], c["color"]) for c in layer["categories"]] == [("appeared", "#1a9850"), ("disappeared", "#d73027")]
+    assert [e["label"] for e in got["raster"]["palette"]] == ["no change", "background → building", "building → background"]
+
+
 # --- the pixel rules -------------------------------------------------------------------------------
 
 
@@ -231,6 +269,11 @@ def test_margin_and_tolerance_rules_on_pixels():
     # pixel 3: BEFORE building p 0.9 (its class is background only in cls_b): fails. pixel 6: 0.24 < 0.5
     assert out.codes.tolist() == [[0, 0, 1, 0, 0, 0, 0]] and out.by_margin == 2
     assert out.confidence[0, 2] == round(min(0.8, 0.9) * 65535)
+    # a date given as a class raster: probability 1 for its class, 0 for the others; it always
+    # passes the margin, and the confidence rests on the other date
+    out = compare(cls_b, cls_a, valid, None, probs_a, n_classes=2, margin=0.5)
+    assert out.codes.tolist() == [[0, 0, 1, 1, 0, 0, 0]] and out.by_margin == 1
+    assert out.confidence[0, 2] == out.confidence[0, 3] == round(0.9 * 65535)
     valid[0, 2] = False
     assert compare(cls_b, cls_a, valid, None, None, n_classes=2).codes[0, 2] == CODE_NODATA
 
@@ -291,10 +334,11 @@ def test_scenes_class_rasters_probability_rasters_and_mixes_agree(tmp_path, oneh
     combos = [("scene", "scene"), ("classes", "classes"), ("probs", "probs"), ("classes", "probs"),
               ("scene", "classes"), ("probs", "scene")]
     rasters, layers = {}, {}
+    # --margin 0.5 keeps every change: 0.95 against 0.02 on a model's date, 1 against 0 on a class raster
     for kb, ka in combos:
         name = f"{kb}-{ka}"
         r = invoke("change", made["before"][kb], made["after"][ka], "-o", tmp_path / f"{name}.gpkg", "--model",
-                   onehot_model, "--raster-out", tmp_path / f"{name}.tif", "--json")
+                   onehot_model, "--raster-out", tmp_path / f"{name}.tif", "--json", "--margin", "0.5")
         assert r.exit_code == 0, r.output
         doc = json.loads(r.stdout)
         assert doc["kinds"] == {"before": kb, "after": ka}
