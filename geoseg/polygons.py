@@ -32,6 +32,7 @@ from pyproj.crs import ProjectedCRS
 from pyproj.crs.coordinate_operation import LambertCylindricalEqualAreaConversion
 from rasterio.windows import Window
 
+from geoseg.cleanup import Cleanup, clean_strips, simplify_coverage
 from geoseg.errors import InputError
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ def polygonize(
     min_area_m2: float | Mapping[str, float] = 0.0,
     progress: Callable[[int], None] | None = None,
     strip_rows: int | None = None,
+    cleanup: Cleanup | None = None,
 ) -> dict[str, gpd.GeoDataFrame]:
     """Polygonize a class raster into one GeoDataFrame per class that is not skipped.
 
@@ -75,13 +77,14 @@ def polygonize(
     uint16 holding probability x 65535) times ``score_scale`` over each polygon's pixels, NaN
     without a score raster. ``min_area_m2`` drops smaller polygons: one number for all classes
     or ``{class_name: m2}``. ``progress(n)`` receives increments of rows (total: the raster height).
+    ``cleanup`` (:class:`geoseg.cleanup.Cleanup`): sieve, hole filling and coverage simplification.
     """
     class_names = list(class_names)
     parts: dict[int, list] = {}
     crs = None
     for batch in iter_polygons(class_path, class_names=class_names, skip=skip, score_path=score_path,
                                score_scale=score_scale, min_area_m2=min_area_m2, progress=progress,
-                               strip_rows=strip_rows):
+                               strip_rows=strip_rows, cleanup=cleanup):
         crs = batch.crs
         parts.setdefault(int(batch.class_id), []).append(batch)
     if crs is None:
@@ -151,6 +154,7 @@ def iter_polygons(
     min_area_m2: float | Mapping[str, float] = 0.0,
     progress: Callable[[int], None] | None = None,
     strip_rows: int | None = None,
+    cleanup: Cleanup | None = None,
 ) -> Iterator[PolygonBatch]:
     """The polygons of :func:`polygonize`, in batches per class as soon as they are finished.
 
@@ -163,6 +167,11 @@ def iter_polygons(
     this strip hold the same class, their regions are one: a union-find joins them, and once no
     member of a group touches the strip line any more its pieces are dissolved (``union_all``)
     into one polygon, exactly the polygon the whole raster would give.
+
+    With ``cleanup`` (:mod:`geoseg.cleanup`), each strip is sieved and its holes filled with a
+    halo of rows around it (the same pixels as on the whole raster), and when it simplifies, the
+    pieces of every class, skipped ones included, are simplified together as one coverage with the
+    strip's outline fixed, before the skipped classes' pieces are dropped.
     """
     class_names = list(class_names)
     if not class_names:
@@ -192,14 +201,21 @@ def iter_polygons(
         crs = CRS.from_wkt(ds.crs.to_wkt())
         height, width, nodata = ds.height, ds.width, ds.nodata
         rows = strip_rows or _strip_rows(ds)
+        clean = (cleanup or Cleanup()).for_raster(class_names, _pixel_area_m2(ds))
         state = _Regions()
         prev_row: np.ndarray | None = None  # class ids of the last row of the previous strip
         prev_ids: np.ndarray | None = None  # their global region ids (0: none)
-        for row0 in range(0, height, rows):
-            h = min(rows, height - row0)
+
+        def read(r0: int, r1: int) -> np.ndarray:
+            return ds.read(1, window=Window(0, r0, width, r1 - r0)).astype(np.int64)
+
+        def valid_of(cls: np.ndarray) -> np.ndarray:
+            return np.ones(cls.shape, bool) if nodata is None else cls != nodata
+
+        for row0, _, cls in clean_strips(read, height=height, strip_rows=rows, valid_of=valid_of, cleanup=clean):
+            h = cls.shape[0]
             window = Window(0, row0, width, h)
-            cls = ds.read(1, window=window).astype(np.int64)
-            valid = np.ones(cls.shape, bool) if nodata is None else cls != nodata
+            valid = valid_of(cls)
             unknown = np.unique(cls[valid & ((cls < 0) | (cls >= len(class_names)))])
             if unknown.size:
                 raise InputError(
@@ -207,10 +223,17 @@ def iter_polygons(
                     f"class names were given ({class_names}); pass a name for every id, or set "
                     "the raster's nodata value"
                 )
-            valid &= kept[np.clip(cls, 0, len(class_names) - 1)]
-            labels, region_class = _label_regions(cls, valid)
+            wanted = valid & kept[np.clip(cls, 0, len(class_names) - 1)]
+            # Simplifying needs every class's pieces (they form the coverage); else only kept ones.
+            labels, region_class = _label_regions(cls, valid if clean.simplifies else wanted)
             n = len(region_class)
             base = state.add(region_class)  # global id = base + local id (local ids from 1)
+            geoms, local = _trace(labels, row0)
+            if clean.simplifies:
+                geoms = simplify_coverage(geoms, region_class[local - 1], clean.tolerance_px)
+                mine = kept[region_class[local - 1]]
+                geoms, local = geoms[mine], local[mine]
+                labels = np.where(wanted, labels, 0)
             if sds is not None:
                 values = sds.read(1, window=window)
                 ok = labels > 0
@@ -218,7 +241,6 @@ def iter_polygons(
                     ok &= values != sds.nodata
                 state.add_scores(base, np.bincount(labels[ok], weights=values[ok], minlength=n + 1)[1:],
                                  np.bincount(labels[ok], minlength=n + 1)[1:])
-            geoms, local = _trace(labels, row0)
             state.add_pieces(base + local, geoms)
             top = labels[0]
             if prev_row is not None:
@@ -481,6 +503,14 @@ def _as_multi(geoms: np.ndarray) -> np.ndarray:
     missing = shapely.is_missing(out)
     out[missing] = shapely.from_wkt("MULTIPOLYGON EMPTY")
     return out
+
+
+def _pixel_area_m2(ds) -> float:
+    """True area of the raster's centre pixel in m² (all pixels of a projected grid; on a lon/lat
+    grid the clean-up thresholds in pixels are those of the centre row)."""
+    col, row = ds.width // 2, ds.height // 2
+    corners = [ds.transform * xy for xy in ((col, row), (col + 1, row), (col + 1, row + 1), (col, row + 1))]
+    return float(area_m2(np.array([shapely.Polygon(corners)], dtype=object), ds.crs)[0])
 
 
 def _strip_rows(ds) -> int:

@@ -59,6 +59,10 @@ class PredictOptions:
     gsd: str = "auto"  # "auto": resample when outside the model's GSD range; "native"; or metres
     stretch: str = "auto"  # "auto": match value ranges when the scene's dtype differs from the model's; "none"
     tta: str = "none"  # test-time augmentation: "none", "flips" (4 passes) or "d4" (8 passes)
+    # clean-up (geoseg.cleanup): one value, or {class: value} over the model's per-class defaults
+    sieve_m2: float | Mapping[str, float] | None = None
+    max_hole_m2: float | Mapping[str, float] | None = None
+    simplify_m: float | Mapping[str, float] | None = None
 
 
 @dataclass
@@ -598,6 +602,16 @@ def min_areas(options: PredictOptions, meta) -> dict[str, float]:
     return areas
 
 
+def cleanup_for(options: PredictOptions, meta):
+    """The clean-up of the polygons (``geoseg.cleanup.Cleanup``): the model's per-class defaults,
+    replaced by ``--sieve``, ``--max-hole`` and ``--simplify`` (one value for every class, or some
+    classes by name). InputError for unknown class names or negative values."""
+    from geoseg.cleanup import SETTINGS, Cleanup, per_class
+
+    return Cleanup(**{key: per_class(getattr(options, key), {c.name: getattr(c, key) for c in meta.classes},
+                                     option, unit) for key, (option, unit) in SETTINGS.items()})
+
+
 def parse_min_area(text: str | None) -> float | dict[str, float] | None:
     """``"4"`` -> 4.0 (every class); ``"building=10,water=200"`` -> {class: m²}."""
     if text is None or not str(text).strip():
@@ -709,6 +723,7 @@ def predict(
     class_names = list(meta.class_names)
     colors = list(meta.colors)
     min_area = min_areas(options, meta)
+    cleanup = cleanup_for(options, meta)
     if regularize:
         building_class(class_names)  # fail before the model runs
     line_options = centerline_options or roads.CentrelineOptions()
@@ -742,6 +757,7 @@ def predict(
             "tta": options.tta,
             "regularize": str(regularize).lower(),
             "min_area_m2": ",".join(f"{k}={v:g}" for k, v in min_area.items()),
+            **cleanup.metadata(class_names),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         t0 = time.perf_counter()
@@ -753,6 +769,7 @@ def predict(
             score_path=seg.score_path,
             score_scale=1.0 / SCORE_SCALE,
             min_area_m2=min_area,
+            cleanup=cleanup,
         )
         if regularize:
             # the outlines' detail is the model's pixel when the scene was read resampled

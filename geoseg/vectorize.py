@@ -86,12 +86,17 @@ def vectorize(
     regularize: bool = False,
     centerlines: bool | None = None,
     centerline_options=None,
+    sieve_m2: float | Mapping[str, float] | None = None,
+    max_hole_m2: float | Mapping[str, float] | None = None,
+    simplify_m: float | Mapping[str, float] | None = None,
 ) -> VectorizeResult:
     """Polygonize ``class_path`` into a new GeoPackage ``output``: one styled layer per class not
     in ``skip`` (names or ids; default: class 0, the background), all or nothing.
 
     ``min_area_m2`` defaults to the raster's ``min_area_m2`` tag (predict stores the values it
-    used), so vectorizing predict's class raster gives predict's polygons; otherwise 0.
+    used), so vectorizing predict's class raster gives predict's polygons; otherwise 0. The same for
+    the clean-up (``geoseg.cleanup``): ``sieve_m2``, ``max_hole_m2`` and ``simplify_m`` (one value or
+    ``{class_name: value}``) default to the raster's tags of the same names, else 0 (off).
 
     ``centerlines``: also write the ``road_centerline`` line layer (``geoseg.centrelines``) of the
     class named ``centerline_options.class_name`` (default ``road``); None: when there is one."""
@@ -118,7 +123,8 @@ def vectorize(
             raise InputError(f"--skip {item!r} is not a class of {Path(class_path).name} ({', '.join(names)})")
     areas = {n: 0.0 for n in names}
     with rasterio.open(class_path) as ds:
-        tagged = ds.tags().get("min_area_m2")  # written by geoseg predict: the model's values
+        tags = ds.tags()  # geoseg predict writes the values it used (the model's, or its options')
+    tagged = tags.get("min_area_m2")
     if tagged and min_area_m2 is None:
         from geoseg.predict import parse_min_area
 
@@ -133,6 +139,11 @@ def vectorize(
         areas = dict.fromkeys(names, float(min_area_m2))
     if any(not v >= 0 for v in areas.values()):
         raise InputError(f"--min-area must be >= 0 square metres, got {min_area_m2}")
+    from geoseg.cleanup import SETTINGS, Cleanup, parse_tagged, per_class
+
+    given = {"sieve_m2": sieve_m2, "max_hole_m2": max_hole_m2, "simplify_m": simplify_m}
+    cleanup = Cleanup(**{key: per_class(given[key], {n: parse_tagged(tags.get(key)).get(n, 0.0) for n in names},
+                                        option, unit) for key, (option, unit) in SETTINGS.items()})
     layers = [n for i, n in enumerate(names) if i not in skip_ids]
     line_options = centerline_options or roads.CentrelineOptions()
     if centerlines is not False:
@@ -151,6 +162,7 @@ def vectorize(
         "class_names": ",".join(names),
         "regularize": str(regularize).lower(),
         "min_area_m2": ",".join(f"{k}={v:g}" for k, v in areas.items()),
+        **cleanup.metadata(names),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     done = 0
@@ -164,7 +176,7 @@ def vectorize(
     with Staging(overwrite=overwrite) as staging:
         tmp = staging.output(output)
         batches = polygons.iter_polygons(str(class_path), class_names=names, skip=skip_ids, min_area_m2=areas,
-                                         progress=rows)
+                                         progress=rows, cleanup=cleanup)
         if regularize:
             with rasterio.open(class_path) as ds:
                 pixel = abs(ds.transform.a)

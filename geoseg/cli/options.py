@@ -151,6 +151,37 @@ def pop_centerline_options(kwargs: dict[str, Any]) -> tuple[bool | None, Any]:
     return kwargs.pop("centerlines"), options
 
 
+_CLEANUP = [
+    click.option("--sieve", "sieve_m2", default=None, metavar="M2|CLASS=M2,...",
+                 help="Before polygonizing, merge regions smaller than this many m² into the neighbouring class "
+                      "they share the longest border with (no gaps where speckles were): one value, or per class "
+                      "(building=2,background=4). Default: the model's per-class values, else off."),
+    click.option("--max-hole", "max_hole_m2", default=None, metavar="M2|CLASS=M2,...",
+                 help="Fill holes smaller than this many m² inside a class's polygons; the hole's pixels become "
+                      "that class (the polygons inside it go, so nothing overlaps). Default: the model's, else off."),
+    click.option("--simplify", "simplify_m", default=None, metavar="M|CLASS=M,...",
+                 help="Simplify outlines with a tolerance in metres, all classes together so that neighbouring "
+                      "polygons keep sharing their edges (no gaps, no overlaps). Default: the model's, else 0 "
+                      "(the exact pixel outline)."),
+]
+
+
+def cleanup_options(f: Callable) -> Callable:
+    """The polygon clean-up options of predict and vectorize (``geoseg.cleanup``)."""
+    for option in reversed(_CLEANUP):
+        f = option(f)
+    return f
+
+
+def pop_cleanup_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take the ``cleanup_options`` out of a command's keyword arguments, parsed: one float for all
+    classes, ``{class: value}``, or None (the defaults)."""
+    from geoseg.cleanup import SETTINGS, parse_per_class
+
+    return {key: parse_per_class(kwargs.pop(key), option, "M" if unit == "m" else "M2")
+            for key, (option, unit) in SETTINGS.items()}
+
+
 def echo_json(doc: Any) -> None:
     click.echo(json.dumps(doc, indent=2, default=str))
 

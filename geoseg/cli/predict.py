@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from geoseg.cli.options import (
-    StageBars, centerline_options, echo_json, inference_options, json_option, logger, model_option, output_option,
-    overwrite_option, pop_centerline_options, pop_predict_options,
+    StageBars, centerline_options, cleanup_options, echo_json, inference_options, json_option, logger, model_option,
+    output_option, overwrite_option, pop_centerline_options, pop_cleanup_options, pop_predict_options,
 )
 
 
@@ -21,6 +21,7 @@ from geoseg.cli.options import (
 @click.option("--min-area", "min_area_m2", default=None, metavar="M2|CLASS=M2,...",
               help="Drop polygons smaller than this many m²: one value for every class, or per class "
                    "(building=10,water=200). Default: the model's per-class values.")
+@cleanup_options
 @click.option("--regularize", is_flag=True,
               help="Building outlines with straight edges and right angles along each building's orientation "
                    "(falls back to the plain outline when that would change it too much).")
@@ -42,7 +43,7 @@ def predict(ctx: click.Context, scene: str, output: str, model: str | None, rast
     from geoseg.predict import parse_min_area
 
     centerlines, line_options = pop_centerline_options(inference)
-    options = pop_predict_options(inference, min_area_m2=parse_min_area(min_area_m2))
+    options = pop_predict_options(inference, min_area_m2=parse_min_area(min_area_m2), **pop_cleanup_options(inference))
     with StageBars("predict", quiet=bool(ctx.obj.get("quiet"))) as progress:
         result = run(scene, output, model=model, raster_out=raster_out, probs_out=probs_out,
                      options=options, overwrite=overwrite, progress=progress, regularize=regularize,

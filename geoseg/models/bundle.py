@@ -88,14 +88,25 @@ def _as_tuple(name: str, value: Any) -> tuple[Any, ...]:
     return tuple(value)
 
 
+#: Per-class clean-up defaults (``geoseg.cleanup``), optional: written only when set, so bundles
+#: without them read as before, also in a geoseg that predates them.
+CLEANUP_FIELDS = ("sieve_m2", "max_hole_m2", "simplify_m")
+
+
 @dataclass(frozen=True)
 class ClassInfo:
-    """One output class: its name (also the GeoPackage layer name), RGB colour and default minimum
-    polygon area in square metres (smaller polygons are dropped when vectorising)."""
+    """One output class: its name (also the GeoPackage layer name), RGB colour and default clean-up
+    of its polygons: minimum polygon area in square metres (smaller polygons are dropped when
+    vectorising), regions below ``sieve_m2`` merged into their neighbours and holes below
+    ``max_hole_m2`` filled before polygonizing, edges simplified with a tolerance of ``simplify_m``
+    metres (0: off)."""
 
     name: str
     color: tuple[int, int, int]
     min_area_m2: float = 0.0
+    sieve_m2: float = 0.0
+    max_hole_m2: float = 0.0
+    simplify_m: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -108,14 +119,17 @@ class ClassInfo:
                 f"color of class {self.name!r} must be three whole numbers 0-255 (R, G, B), "
                 f"got {self.color!r}"
             )
-        area = _as_float(f"min_area_m2 of class {self.name!r}", self.min_area_m2)
-        if area < 0:
-            raise _fail(f"min_area_m2 of class {self.name!r} must be >= 0, got {area}")
         object.__setattr__(self, "color", color)
-        object.__setattr__(self, "min_area_m2", area)
+        for key in ("min_area_m2", *CLEANUP_FIELDS):
+            value = _as_float(f"{key} of class {self.name!r}", getattr(self, key))
+            if value < 0:
+                raise _fail(f"{key} of class {self.name!r} must be >= 0, got {value}")
+            object.__setattr__(self, key, value)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "color": list(self.color), "min_area_m2": self.min_area_m2}
+        d = {"name": self.name, "color": list(self.color), "min_area_m2": self.min_area_m2}
+        d.update({k: getattr(self, k) for k in CLEANUP_FIELDS if getattr(self, k)})
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> ClassInfo:
