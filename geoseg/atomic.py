@@ -134,13 +134,19 @@ class Staging:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs. A zombie (killed, not yet reaped by its parent, as a Dask
+    worker killed under a supervisor can be for a while) is dead: it will never write again."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):  # no /proc (macOS): trust kill()
+        return True
 
 
 def clean_stale(folder: str | os.PathLike) -> list[Path]:

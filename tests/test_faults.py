@@ -474,3 +474,20 @@ def test_ctrl_c_or_sigterm_during_training_keeps_the_last_epoch_and_resumes(work
     result = invoke(*args, "--resume", "--epochs", 2)
     assert result.exit_code == 0, result.output
     assert (out / "m.keras").exists() and not (out / "m.resume").exists()
+
+
+def test_a_zombie_process_counts_as_dead(tmp_path):
+    """A killed writer that its parent has not reaped yet must not keep its temporary files alive."""
+    from geoseg.atomic import _pid_alive, clean_stale
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / f"out.tmp-{child.pid}-abcdef.gpkg").write_bytes(b"partial")
+        assert _pid_alive(child.pid) and clean_stale(tmp_path) == []
+        child.kill()
+        time.sleep(0.5)  # dead, not reaped: a zombie
+        assert not _pid_alive(child.pid)
+        assert [p.name for p in clean_stale(tmp_path)] == [f"out.tmp-{child.pid}-abcdef.gpkg"]
+    finally:
+        child.kill()
+        child.wait()

@@ -36,7 +36,7 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
         stream=sys.stderr,
     )
     if verbose < 2:
-        for noisy in ("rasterio", "fiona", "pyogrio", "tensorflow", "absl", "numexpr"):
+        for noisy in ("rasterio", "fiona", "pyogrio", "tensorflow", "absl", "numexpr", "distributed", "tornado", "bokeh"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
@@ -44,7 +44,7 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
 
 
 def _register() -> None:
-    from geoseg.cli import change, evaluate, models, predict, train, vectorize
+    from geoseg.cli import batch, change, evaluate, models, predict, train, vectorize
 
     cli.add_command(predict.predict)
     cli.add_command(train.train)
@@ -52,6 +52,7 @@ def _register() -> None:
     cli.add_command(vectorize.vectorize)
     cli.add_command(models.models)
     cli.add_command(change.change)
+    cli.add_command(batch.batch)
 
 
 _register()
