@@ -135,8 +135,8 @@ def clean_array(cls: np.ndarray, valid: np.ndarray, cleanup: RasterCleanup, roun
     valid = np.asarray(valid, bool) & (cls >= 0) & (cls < k)
     if (cleanup.sieve_px > 1).any():
         for _ in range(rounds):
-            cls, changed = _sieve_round(cls, valid, cleanup.sieve_px)
-            if not changed:
+            cls, stranded = _sieve_round(cls, valid, cleanup.sieve_px)
+            if not stranded:
                 break
     if (cleanup.hole_px > 1).any():
         cls = _fill_holes(cls, valid, cleanup.hole_px)
@@ -144,6 +144,9 @@ def clean_array(cls: np.ndarray, valid: np.ndarray, cleanup: RasterCleanup, roun
 
 
 def _sieve_round(cls: np.ndarray, valid: np.ndarray, sieve_px: np.ndarray) -> tuple[np.ndarray, bool]:
+    """One round: every small region with a large neighbour takes its class. Returns the new classes
+    and whether a small region with only small neighbours is left (only those can change in another
+    round: large regions keep their pixels, and merged ones only grow)."""
     from geoseg.polygons import _label_regions
 
     k = len(sieve_px)
@@ -167,9 +170,10 @@ def _sieve_round(cls: np.ndarray, valid: np.ndarray, sieve_px: np.ndarray) -> tu
     if not keys.size:
         return cls, False
     border = np.bincount(keys, minlength=(n + 1) * k).reshape(n + 1, k)
-    target = np.where(small & (border.sum(1) > 0), border.argmax(1), -1)  # argmax: lowest id on ties
+    merged = small & (border.sum(1) > 0)
+    target = np.where(merged, border.argmax(1), -1)  # argmax: lowest id on ties
     new = target[labels]
-    return np.where(new >= 0, new, cls), True
+    return np.where(new >= 0, new, cls), bool((small & ~merged).any())
 
 
 def _fill_holes(cls: np.ndarray, valid: np.ndarray, hole_px: np.ndarray) -> np.ndarray:
