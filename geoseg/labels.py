@@ -83,8 +83,13 @@ class LabelReader:
         class_field: str = "class",
         line_width_m: float | None = None,
         value_map: Mapping[int, int] | None = None,
+        codes: int | None = None,
     ) -> None:
+        """``codes``: label values below it are kept (default: the number of classes); training
+        passes a larger number when ``value_map`` maps values to partial-label set codes
+        (``geoseg.targets``)."""
         self.path = Path(path)
+        self._codes = len(class_names) if codes is None else int(codes)
         self.grid = grid
         self.class_names = list(class_names)
         if not self.path.exists():
@@ -241,7 +246,7 @@ class LabelReader:
             values = self._map[np.clip(values, 0, 255).astype(np.uint8)]
         elif self._binary:
             values = (values != 0).astype(np.uint8)
-        values = np.where((values < len(self.class_names)) | (values == IGNORE), values, IGNORE)
+        values = np.where((values < self._codes) | (values == IGNORE), values, IGNORE)
         return np.where(valid, values, IGNORE).astype(np.uint8)
 
     def close(self) -> None:

@@ -56,6 +56,7 @@ __all__ = [
     "PALETTE",
     "Augment",
     "ChipSampler",
+    "Dataset",
     "Rect",
     "SceneData",
     "TrainConfig",
@@ -120,6 +121,36 @@ class Augment:
 
 
 @dataclass(frozen=True)
+class Dataset:
+    """One more set of labelled scenes with its own label conventions (``[[datasets]]`` in a config).
+
+    ``label_values`` maps label raster values to classes, ``ignore`` or sets of classes
+    (``geoseg.targets``: ``2=!building`` is any class but building). ``labelled_classes`` names the
+    classes the dataset labels; a pixel of any other class (for example the uncovered pixels of
+    building footprints, which read as class 0) is then known only not to be one of them, and the
+    loss does not push it towards any particular other class. ``weight``: the dataset's share of the
+    training chips, drawn evenly over its chips (None: by area). Weights are relative: beside
+    weighted datasets the top-level images weigh 1 together (or ``sample_weights`` each).
+    """
+
+    images: tuple[str, ...]
+    labels: tuple[str, ...]
+    val_images: tuple[str, ...] = ()
+    val_labels: tuple[str, ...] = ()
+    label_values: str | None = None
+    labelled_classes: tuple[str, ...] = ()
+    label_field: str | None = None  # None: the run's label_field
+    line_width: float | None = None  # None: the run's line_width
+    weight: float | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        for key in ("images", "labels", "val_images", "val_labels", "labelled_classes"):
+            value = getattr(self, key)
+            object.__setattr__(self, key, tuple(str(v) for v in ([value] if isinstance(value, str) else value)))
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a training run (saved in the resume state and the bundle description)."""
 
@@ -131,6 +162,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     label_field: str = "class"
     label_values: str | None = None  # raster labels: "0=ignore,1=building,2-5=background" (None: values are class ids)
+    labelled_classes: tuple[str, ...] = ()  # the classes the top-level labels name (empty: all); see Dataset
     line_width: float | None = None  # metres, to buffer line/point labels
     sample_weights: tuple[float, ...] | None = None  # one per training image: its share of the chips drawn (None: by area)
     bands: tuple[int, ...] | None = None
@@ -157,10 +189,12 @@ class TrainConfig:
     name: str | None = None  # bundle name; None: the output's stem
     description: str = ""
     max_minutes: float | None = None  # stop after the epoch that would overrun this wall-clock budget
+    datasets: tuple[Dataset, ...] = ()  # more labelled scenes, each with its own label conventions
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        for key in ("images", "labels", "val_images", "val_labels", "classes"):
+        set_(self, "datasets", tuple(d if isinstance(d, Dataset) else Dataset(**d) for d in (self.datasets or ())))
+        for key in ("images", "labels", "val_images", "val_labels", "classes", "labelled_classes"):
             set_(self, key, tuple(str(v) for v in getattr(self, key)))
         if self.bands is not None:
             set_(self, "bands", tuple(int(b) for b in self.bands))
@@ -295,7 +329,8 @@ def parse_loss(spec: str) -> tuple[tuple[float, str], ...]:
 
 #: Config keys that are paths (relative to the config file's folder).
 _PATH_KEYS = ("images", "labels", "val_images", "val_labels", "output")
-_LIST_KEYS = ("images", "labels", "val_images", "val_labels", "classes", "class_weights", "bands", "sample_weights")
+_LIST_KEYS = ("images", "labels", "val_images", "val_labels", "classes", "class_weights", "bands", "sample_weights",
+              "labelled_classes")
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -313,7 +348,9 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise InputError(f"config {path} is not valid TOML ({exc})") from None
     flat: dict[str, Any] = {}
     for key, value in raw.items():
-        if key == "augment" and isinstance(value, dict):
+        if key == "datasets":
+            flat["datasets"] = value
+        elif key == "augment" and isinstance(value, dict):
             for k, v in value.items():
                 flat[k.replace("-", "_")] = v
         else:
@@ -332,6 +369,8 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         else:
             values = [value] if isinstance(value, str) else list(value)
             flat[key] = tuple(str(base / v) if not Path(v).is_absolute() else v for v in values)
+    if "datasets" in flat:
+        flat["datasets"] = tuple(_read_dataset(path, base, i, d) for i, d in enumerate(_as_list(flat["datasets"])))
     for key in _LIST_KEYS:
         if key in flat and isinstance(flat[key], str) and key not in _PATH_KEYS:
             flat[key] = tuple(v.strip() for v in flat[key].split(",") if v.strip())
@@ -340,10 +379,36 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return flat
 
 
+def _as_list(value: Any) -> list[Any]:
+    return [value] if isinstance(value, dict) else list(value)
+
+
+def _read_dataset(path: Path, base: Path, index: int, table: Any) -> Dataset:
+    """One ``[[datasets]]`` table: paths relative to the config's folder; InputError for unknown keys."""
+    if not isinstance(table, dict):
+        raise InputError(f"config {path}: datasets must be [[datasets]] tables, got {table!r}")
+    table = {k.replace("-", "_"): v for k, v in table.items()}
+    known = {f.name for f in dataclasses.fields(Dataset)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise InputError(f"config {path}: dataset {index + 1} has unknown key(s) {', '.join(unknown)}; "
+                         f"known keys: {', '.join(sorted(known))}")
+    for key in ("images", "labels", "val_images", "val_labels"):
+        if key in table:
+            values = [table[key]] if isinstance(table[key], str) else list(table[key])
+            table[key] = tuple(str(base / v) if not Path(v).is_absolute() else v for v in values)
+    if isinstance(table.get("labelled_classes"), str):
+        table["labelled_classes"] = tuple(v.strip() for v in table["labelled_classes"].split(",") if v.strip())
+    try:
+        return Dataset(**table)
+    except TypeError as exc:
+        raise InputError(f"config {path}: dataset {index + 1}: {exc}; give images and labels") from None
+
+
 def _config_keys() -> list[str]:
     keys = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "augment"]
     keys += [f.name for f in dataclasses.fields(Augment)]
-    return keys + ["output"]
+    return keys + ["output", "datasets"]
 
 
 def resume_dir_for(output: str | os.PathLike) -> Path:
@@ -386,9 +451,14 @@ class SceneData:
 
 def load_scene(image: str | os.PathLike, labels: str | os.PathLike, *, class_names: Sequence[str],
                gsd: float | None = None, bands: tuple[int, ...] | None = None, label_field: str = "class",
-               line_width: float | None = None, label_values: str | None = None) -> SceneData:
+               line_width: float | None = None, label_values: str | None = None, targets=None,
+               labelled_classes: Sequence[str] = ()) -> SceneData:
     """Read a scene and its labels whole, on a grid of ``gsd`` m/px (default: the scene's own).
-    ``label_values`` says what a label raster's values mean (``labels.parse_label_values``)."""
+    ``label_values`` says what a label raster's values mean (``labels.parse_label_values``).
+
+    With ``targets`` (a ``geoseg.targets.TargetSets``) the labels are codes of allowed class sets:
+    ``label_values`` may name sets (``2=!building``, ``3=road|water``), and ``labelled_classes``
+    turns pixels of any other class into "not one of these" (``TargetSets.restrict``)."""
     from geoseg.labels import LabelReader, parse_label_values
     from geoseg.scene import SceneReader, at_gsd, open_scene
 
@@ -396,10 +466,16 @@ def load_scene(image: str | os.PathLike, labels: str | os.PathLike, *, class_nam
     grid = info if gsd is None or abs(gsd / info.gsd - 1) < 1e-3 else at_gsd(info, gsd)
     with SceneReader(grid) as reader:
         pixels, valid = reader.read(0, grid.height, 0, grid.width)
+    if targets is None:
+        value_map, codes = parse_label_values(label_values, class_names), None
+    else:
+        value_map, codes = targets.value_map(label_values), len(targets.sets)
     with LabelReader(labels, grid, class_names=class_names, class_field=label_field, line_width_m=line_width,
-                     value_map=parse_label_values(label_values, class_names)) as lr:
+                     value_map=value_map, codes=codes) as lr:
         ids = lr.read(0, grid.height, 0, grid.width)
     ids = np.where(valid, ids, IGNORE).astype(np.uint8)
+    if targets is not None and labelled_classes:
+        ids = targets.restrict(ids, labelled_classes)
     if not (ids != IGNORE).any():
         raise InputError(f"labels {labels} do not overlap the valid pixels of {image}; pair each image with its own labels")
     return SceneData(name=Path(image).name, image=pixels, labels=ids, band_names=grid.band_names, gsd=grid.gsd)
@@ -660,7 +736,8 @@ class ChipSampler:
 # --- losses (keras.ops; label IGNORE takes no part) -------------------------------------------------
 
 
-def make_loss(spec: str, classes: int, class_weights: Sequence[float] | None = None) -> Callable:
+def make_loss(spec: str, classes: int, class_weights: Sequence[float] | None = None,
+              target_sets: np.ndarray | None = None) -> Callable:
     """A Keras loss ``f(y_true, logits) -> scalar`` for a spec like ``ce``, ``dice``, ``focal``,
     ``ce+dice`` or ``0.5*focal+dice``, computed in float32.
 
@@ -668,10 +745,21 @@ def make_loss(spec: str, classes: int, class_weights: Sequence[float] | None = N
     (B, H, W, classes). Ignored pixels add nothing to the loss or its gradient, and a batch with no
     labelled pixel gives 0.
 
-    - ``ce``: cross-entropy, mean over labelled pixels (weighted by ``class_weights``: sum(w·ce)/sum(w)).
-    - ``focal``: focal loss (gamma 2), averaged the same way.
+    ``target_sets`` (``geoseg.targets.TargetSets.matrix()``, (256, classes) of 0/1): label codes
+    stand for sets of allowed classes (partial labels). A pixel's probability of being right is
+    then the sum of the softmax over its allowed set ``A``:
+
+    - ``ce``: ``-log(sum_{c in A} p_c)``, mean over pixels with a non-empty set (weighted by
+      ``class_weights``: a pixel weighs the mean weight of its allowed classes). For a one-class
+      set this is the ordinary cross-entropy; for a larger set it depends only on the total
+      probability of the set, so it does not push a pixel towards any particular allowed class.
+    - ``focal``: the same with the focal factor ``(1 - sum_{c in A} p_c)^2``.
     - ``dice``: 1 - soft Dice per class over the batch (smoothing 1), averaged over the classes
-      (weighted by ``class_weights``).
+      (weighted by ``class_weights``). For class ``c`` a pixel counts where its class is known to be
+      ``c`` (a one-class set {c}) or known not to be ``c`` (``c`` outside its set); a pixel whose
+      set holds ``c`` and others says nothing about ``c`` and is left out of class ``c``'s sums.
+
+    Without ``target_sets`` codes are class ids (codes >= ``classes`` are ignored like ``IGNORE``).
     """
     from keras import ops
 
@@ -679,30 +767,40 @@ def make_loss(spec: str, classes: int, class_weights: Sequence[float] | None = N
     weights = np.ones(classes, np.float32) if class_weights is None else np.asarray(class_weights, np.float32)
     if len(weights) != classes:
         raise InputError(f"--class-weights: give {classes} weights, one per class")
+    if target_sets is None:
+        table = np.zeros((256, classes), np.float32)
+        table[np.arange(classes), np.arange(classes)] = 1.0
+    else:
+        table = np.asarray(target_sets, np.float32)
+        if table.shape != (256, classes):
+            raise ValueError(f"target_sets must be (256, {classes}), got {table.shape}")
 
     def loss(y_true, logits):
         y = ops.cast(y_true, "int32")
         if len(y.shape) == 4:
             y = ops.squeeze(y, axis=-1)
         logits = ops.cast(logits, "float32")
-        valid = ops.not_equal(y, IGNORE)
-        mask = ops.cast(valid, "float32")
-        yc = ops.where(valid, y, ops.zeros_like(y))
-        onehot = ops.one_hot(yc, classes, dtype="float32")
+        y = ops.clip(y, 0, 255)
+        allowed = ops.take(ops.convert_to_tensor(table), y, axis=0)  # (B, H, W, C) 0/1
+        count = ops.sum(allowed, axis=-1)
+        mask = ops.cast(count > 0, "float32")
         logp = ops.log_softmax(logits, axis=-1)
         cw = ops.convert_to_tensor(weights)
         total = ops.convert_to_tensor(0.0, dtype="float32")
         for weight, name in terms:
             if name in ("ce", "focal"):
-                logp_t = ops.sum(onehot * logp, axis=-1)
+                # log of the allowed set's probability; -1e4 keeps excluded classes out without inf/NaN
+                logp_t = ops.logsumexp(ops.where(allowed > 0, logp, -1e4), axis=-1)
                 pix = -logp_t
                 if name == "focal":
                     pix = pix * ops.power(1.0 - ops.exp(logp_t), FOCAL_GAMMA)
-                w = mask * ops.take(cw, yc)
+                w = mask * ops.divide_no_nan(ops.sum(allowed * cw, axis=-1), count)
                 value = ops.divide_no_nan(ops.sum(w * pix), ops.sum(w))
             else:
-                probs = ops.exp(logp) * mask[..., None]
-                truth = onehot * mask[..., None]
+                single = ops.cast(count == 1, "float32")[..., None]
+                truth = allowed * single  # one-hot where the class is known, 0 elsewhere
+                known = (1.0 - allowed) * mask[..., None] + truth  # known to be c, or known not to be c
+                probs = ops.exp(logp) * known
                 inter = ops.sum(probs * truth, axis=(0, 1, 2))
                 denom = ops.sum(probs, axis=(0, 1, 2)) + ops.sum(truth, axis=(0, 1, 2))
                 dice = (2.0 * inter + DICE_SMOOTH) / (denom + DICE_SMOOTH)
@@ -722,12 +820,26 @@ def _check_config(cfg: TrainConfig, multiple: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise InputError(f"--{name.replace('_', '-')} must be a whole number >= {minimum}, got {value!r}")
 
-    if not cfg.images:
+    if not cfg.images and not any(d.images for d in cfg.datasets):
         raise InputError("no training images; give --images A.tif B.tif ... (or images = [...] in --config)")
     if len(cfg.images) != len(cfg.labels):
         raise InputError(f"{len(cfg.images)} --images but {len(cfg.labels)} --labels; give one labels file per image, in the same order")
     if len(cfg.val_images) != len(cfg.val_labels):
         raise InputError(f"{len(cfg.val_images)} --val-images but {len(cfg.val_labels)} --val-labels; give one labels file per validation image")
+    class_names = [c.name for c in parse_classes(cfg.classes)]
+    from geoseg.targets import TargetSets, parse_label_sets
+
+    for i, d in enumerate(cfg.datasets, start=1):
+        what = f"dataset {i}{f' ({d.name})' if d.name else ''}"
+        if len(d.images) != len(d.labels) or len(d.val_images) != len(d.val_labels):
+            raise InputError(f"{what}: give one labels file per image and per validation image, in the same order")
+        if d.weight is not None and not (math.isfinite(d.weight) and d.weight >= 0):
+            raise InputError(f"{what}: weight {d.weight} must be a number >= 0")
+        parse_label_sets(d.label_values, class_names)
+        for name in d.labelled_classes:
+            TargetSets(class_names).class_id(name)
+    for name in cfg.labelled_classes:
+        TargetSets(class_names).class_id(name)
     if cfg.arch not in ARCHS:
         raise InputError(f"--arch {cfg.arch!r} is not one of {', '.join(ARCHS)}")
     if cfg.precision not in PRECISIONS:
@@ -765,7 +877,53 @@ def _check_config(cfg: TrainConfig, multiple: int) -> None:
         if not all(math.isfinite(v) and v >= 0 for v in w) or not sum(w) > 0:
             raise InputError(f"--sample-weights {','.join(f'{v:g}' for v in w)}: weights must be >= 0 and not all 0")
     parse_loss(cfg.loss)
-    parse_label_values(cfg.label_values, [c.name for c in parse_classes(cfg.classes)])
+    parse_label_sets(cfg.label_values, class_names)
+
+
+def _sources(cfg: TrainConfig) -> tuple[list[tuple[str, str, Dataset]], list[tuple[str, str, Dataset]], list | None]:
+    """(training (image, labels, dataset) triples, validation triples, weighting). The top-level
+    images form a dataset of their own.
+
+    Weighting is None (every chip equally often) or one item per training image: ``("image", w)``
+    for a top-level image with ``sample_weights`` (its share of the chips), ``("dataset", i, w)``
+    for an image of dataset ``i`` with weight ``w`` (the dataset's share, drawn evenly over its
+    chips); ``_scene_weights`` turns them into per-scene shares once the chips are known."""
+    top = Dataset(images=cfg.images, labels=cfg.labels, val_images=cfg.val_images, val_labels=cfg.val_labels,
+                  label_values=cfg.label_values, labelled_classes=cfg.labelled_classes, name="top-level")
+    train, val, weighting = [], [], []
+    weighted = any(d.weight is not None for d in cfg.datasets)
+    for i, d in enumerate((top, *cfg.datasets)):
+        train += [(im, lab, d) for im, lab in zip(d.images, d.labels)]
+        val += [(im, lab, d) for im, lab in zip(d.val_images, d.val_labels)]
+        if i == 0 and cfg.sample_weights is not None:
+            weighting += [("image", w) for w in cfg.sample_weights]
+        elif i == 0:  # beside weighted datasets the top-level images weigh 1 together
+            weighting += [("dataset", 0, 1.0) if weighted else None] * len(d.images)
+        else:
+            weighting += [None if d.weight is None else ("dataset", i, d.weight)] * len(d.images)
+    if all(w is None for w in weighting):
+        return train, val, None
+    if any(w is None for w in weighting):
+        raise InputError("give every [[datasets]] table a weight, or none of them")
+    return train, val, weighting
+
+
+def _scene_weights(weighting: list | None, windows: Sequence[tuple[int, int, int]], scenes: int) -> list[float] | None:
+    """Per training scene, its share of the chips (``ChipSampler``'s ``scene_weights``)."""
+    if weighting is None:
+        return None
+    counts = np.bincount([w[0] for w in windows], minlength=scenes).astype(np.float64)
+    out = []
+    for s, item in enumerate(weighting):
+        if item[0] == "image":
+            out.append(float(item[1]))
+        else:
+            group = [k for k, other in enumerate(weighting) if other[0] == "dataset" and other[1] == item[1]]
+            total = counts[group].sum()
+            out.append(float(item[2] * counts[s] / total) if total else 0.0)
+    if not sum(out) > 0:
+        raise InputError("the weighted datasets have no training chips; check their labels or the weights")
+    return out
 
 
 def _build(cfg: TrainConfig, bands: int, classes: int, mean: Sequence[float], std: Sequence[float], precision: str):
@@ -890,7 +1048,8 @@ def _validate(model, loss_fn, batches: list[tuple[np.ndarray, np.ndarray]], clas
         if n:
             total += float(loss_fn(y, logits)) * n
             weight += n
-        cm.update(np.argmax(logits, axis=-1).astype(np.uint8), y)
+        # IoU counts only pixels whose class is known: partial-label codes (>= classes) are left out
+        cm.update(np.argmax(logits, axis=-1).astype(np.uint8), np.where(y < classes, y, IGNORE))
     return (total / weight if weight else float("nan")), cm.iou()
 
 
@@ -937,11 +1096,24 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
     # --- data -------------------------------------------------------------------------------------
     from geoseg.scene import open_scene
 
-    gsd = cfg.gsd or open_scene(cfg.images[0], bands=cfg.bands).gsd
-    kw = dict(class_names=class_names, gsd=gsd, bands=cfg.bands, label_field=cfg.label_field, line_width=cfg.line_width,
-              label_values=cfg.label_values)
-    scenes = [load_scene(i, l, **kw) for i, l in zip(cfg.images, cfg.labels)]
-    val_scenes = [load_scene(i, l, **kw) for i, l in zip(cfg.val_images, cfg.val_labels)]
+    from geoseg.targets import TargetSets
+
+    sources, val_sources, weighting = _sources(cfg)
+    gsd = cfg.gsd or open_scene(sources[0][0], bands=cfg.bands).gsd
+    targets = TargetSets(class_names)
+
+    def load(image: str, labels: str, d: Dataset) -> SceneData:
+        return load_scene(image, labels, class_names=class_names, gsd=gsd, bands=cfg.bands,
+                          label_field=d.label_field or cfg.label_field,
+                          line_width=d.line_width if d.line_width is not None else cfg.line_width,
+                          label_values=d.label_values, targets=targets, labelled_classes=d.labelled_classes)
+
+    scenes = [load(*src) for src in sources]
+    val_scenes = [load(*src) for src in val_sources]
+    if targets.partial:
+        log.info("partial labels: %s", "; ".join(
+            f"code {i}: one of {', '.join(class_names[c] for c in sorted(s))}"
+            for i, s in enumerate(targets.sets) if i >= nclasses))
     band_names = scenes[0].band_names
     for s in scenes + val_scenes:
         if len(s.band_names) != len(band_names):
@@ -987,8 +1159,9 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
 
     mean, std, lo, hi = _stats(all_scenes, train_rects)
     steps = cfg.steps_per_epoch or max(1, len(windows) // cfg.batch_size)
+    scene_weights = _scene_weights(weighting, windows, len(scenes))
     sampler = ChipSampler(all_scenes, train_rects, windows, chip=chip, stride=stride, augment=cfg.augment, lo=lo, hi=hi,
-                          scene_weights=cfg.sample_weights)
+                          scene_weights=scene_weights)
     train_pixels = int(sum((all_scenes[r.scene].labels[r.r0:r.r1, r.c0:r.c1] != IGNORE).sum() for r in train_rects))
     log.info("training on %d chips (%d px labelled) from %d scene(s) at %.3g m; validating on %d px; %d steps/epoch",
              len(windows), train_pixels, len(scenes), gsd, val_pixels, steps)
@@ -1005,7 +1178,7 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=cfg.lr / 100 if warmup else cfg.lr, decay_steps=max(1, total_steps - warmup),
         alpha=0.01, warmup_target=cfg.lr if warmup else None, warmup_steps=warmup)
-    loss_fn = make_loss(cfg.loss, nclasses, class_weights)
+    loss_fn = make_loss(cfg.loss, nclasses, class_weights, targets.matrix())
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=schedule), loss=loss_fn, jit_compile=False)
 
     log_path = log_path_for(output)
