@@ -7,6 +7,8 @@ The data flow of :func:`evaluate`::
         ConfusionMatrix    pixel IoU, Dice/F1, precision, recall, accuracy
         BoundaryCounter    boundary F1 within a tolerance in pixels
     predicted polygons (polygonize) + true polygons ──match_objects──▶ object TP / FP / FN
+    predicted road centre-lines + reference centre-lines (label lines, or the centre-lines of the
+        labels' road mask) ──centrelines.road_metrics──▶ completeness / correctness / quality
 
 Memory is bounded by one strip of rows (plus the polygons), never by the raster. Pixels whose
 label is ``IGNORE`` (255) or whose prediction is nodata take no part in pixel or boundary metrics.
@@ -36,8 +38,11 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ConfusionMatrix", "BoundaryCounter", "ObjectMatch", "ClassScores", "EvaluationResult",
-    "boundary_pixels", "match_objects", "strips", "evaluate_classes", "evaluate",
+    "boundary_pixels", "match_objects", "strips", "evaluate_classes", "evaluate", "road_scores",
 ]
+
+#: ``evaluate``'s road buffer when the model has a road class and none is given (metres).
+DEFAULT_ROAD_BUFFER_M = 3.0
 
 _STRIP_PIXELS = 4_000_000  # pixels per strip of the class raster (a few uint8/bool copies each)
 
@@ -336,6 +341,8 @@ class EvaluationResult:
     model: dict[str, str] | None = None
     tiles: dict[str, int] | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    # road network scores (centrelines.RoadMetrics.to_dict() plus "reference": "lines" or "mask")
+    roads: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -614,6 +621,84 @@ def _drop_unscored(truth_objects: dict[int, np.ndarray], predicted_objects: dict
 
 
 # --------------------------------------------------------------------------------------------
+# road networks
+
+
+def road_scores(class_path: str | os.PathLike, reader: LabelReader, *, road_id: int, buffer_m: float,
+                reference_lines=None, options=None) -> dict[str, Any]:
+    """Completeness, correctness and quality of the predicted road network at ``buffer_m`` metres.
+
+    The predicted network is the centre-lines of the pixels of class ``road_id`` in ``class_path``.
+    The reference is ``reference_lines`` (centre-lines, a GeoSeries with a CRS) when given, else the
+    centre-lines of the labels' own road pixels (``reader``, on the class raster's grid), extracted
+    with the same ``options`` (``centrelines.CentrelineOptions``). Pixels the labels ignore are
+    taken out of the predicted road mask, so an unlabelled area counts neither way. Both masks are
+    written to temporary GeoTIFFs strip by strip; the centre-lines are read from them in strips.
+    """
+    import rasterio
+    from rasterio.windows import Window
+
+    from geoseg.centrelines import CentrelineOptions, centrelines_from_raster, road_metrics
+
+    options = options or CentrelineOptions()
+    options.check()
+    with tempfile.TemporaryDirectory(prefix="geoseg-roads-") as scratch, rasterio.open(class_path) as ds:
+        profile = dict(driver="GTiff", width=ds.width, height=ds.height, count=1, dtype="uint8", crs=ds.crs,
+                       transform=ds.transform, tiled=True, blockxsize=256, blockysize=256, compress="deflate")
+        pred_path, ref_path = Path(scratch) / "pred.tif", Path(scratch) / "ref.tif"
+        rows = max(256, _STRIP_PIXELS // max(ds.width, 1) // 256 * 256)
+        with rasterio.open(pred_path, "w", **profile) as pred_out, rasterio.open(ref_path, "w", **profile) as ref_out:
+            for r0 in range(0, ds.height, rows):
+                r1 = min(ds.height, r0 + rows)
+                window = Window(0, r0, ds.width, r1 - r0)
+                pred = _read_rows(ds, r0, r1, ds.nodata)
+                truth = reader.read(r0, r1, 0, ds.width)
+                pred_out.write(((pred == road_id) & (truth != IGNORE)).astype(np.uint8), 1, window=window)
+                ref_out.write((truth == road_id).astype(np.uint8), 1, window=window)
+        predicted = centrelines_from_raster(pred_path, class_id=1, options=options).lines
+        if reference_lines is None:
+            reference, kind = centrelines_from_raster(ref_path, class_id=1, options=options).lines, "mask"
+        else:
+            reference, kind = reference_lines, "lines"
+    metrics = road_metrics(predicted, reference, buffer_m)
+    return {**metrics.to_dict(), "reference": kind, "predicted_lines": int(len(predicted)),
+            "reference_lines": int(len(reference))}
+
+
+def reference_road_lines(labels: str | os.PathLike, grid, *, class_names: Sequence[str], road_id: int,
+                         class_field: str = "class"):
+    """The road centre-lines of vector labels, clipped to the scene (None: raster labels, or no lines).
+
+    Lines count as roads when the labels have no ``class_field`` attribute, or where it names the
+    road class (by name or id)."""
+    import geopandas as gpd
+    import rasterio
+    import shapely
+
+    from geoseg.labels import RASTER_SUFFIXES
+
+    if Path(labels).suffix.lower() in RASTER_SUFFIXES:
+        return None
+    gdf = gpd.read_file(labels)
+    gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
+    gdf = gdf[gdf.geom_type.isin(["LineString", "MultiLineString"])]
+    if class_field in gdf.columns:
+        values = gdf[class_field]
+        road = values.astype(str).str.strip().str.lower() == class_names[road_id].lower()
+        road |= values.astype(str).str.strip() == str(road_id)
+        gdf = gdf[road]
+    if not len(gdf):
+        return None
+    if gdf.crs is None:
+        raise InputError(f"labels {labels} have no CRS; set one (e.g. ogr2ogr -a_srs EPSG:4326) and retry")
+    lines = gdf.geometry.to_crs(grid.crs)
+    left, bottom, right, top = rasterio.transform.array_bounds(grid.height, grid.width, grid.transform)
+    clipped = shapely.clip_by_rect(lines.values, left, bottom, right, top)
+    keep = ~shapely.is_empty(clipped)
+    return gpd.GeoSeries(clipped[keep], crs=grid.crs)
+
+
+# --------------------------------------------------------------------------------------------
 # the whole job
 
 
@@ -631,10 +716,18 @@ def evaluate(
     boundary_tolerance_px: int = 2,
     iou_threshold: float = 0.5,
     objects: bool = True,
+    road_buffer_m: float | None = None,
+    road_class_name: str = "road",
+    centreline_options=None,
     progress: Progress | None = None,
 ) -> EvaluationResult:
     """Segment ``scene`` with a model (``bundle``, or ``model``: a name or path, default the
     built-in one) into a temporary folder and score the class raster against ``labels``.
+
+    When the model has a class named ``road_class_name``, the road network is scored too
+    (``result.roads``, see :func:`road_scores`): completeness, correctness and quality at
+    ``road_buffer_m`` metres (default 3 m; 0 turns it off). The reference is the labels' road
+    centre-lines when they are vector lines, else the centre-lines of their road pixels.
 
     Labels are checked (CRS, overlap, class values) before the model runs. Predicted polygons
     below the model's per-class minimum area (or ``options.min_area_m2``) are dropped before
@@ -657,6 +750,18 @@ def evaluate(
         meta = bundle.meta
     class_names = list(meta.class_names)
     min_area = min_areas(options, meta)
+    from geoseg.centrelines import road_class
+
+    if road_buffer_m is not None and not (math.isfinite(road_buffer_m) and road_buffer_m >= 0):
+        raise InputError(f"--road-buffer {road_buffer_m}: give a distance >= 0 in metres (0 turns road scores off)")
+    road_id = road_class(class_names, road_class_name)
+    if road_id is None and road_buffer_m:
+        raise InputError(f"--road-buffer {road_buffer_m:g} scores roads, but the model has no class named "
+                         f"{road_class_name!r} (classes: {', '.join(class_names)})")
+    if road_buffer_m is None:
+        road_buffer_m = DEFAULT_ROAD_BUFFER_M
+    if not road_buffer_m:
+        road_id = None
     if label_values is not None:
         value_map = parse_label_values(label_values, class_names)
     timings: dict[str, float] = {}
@@ -675,6 +780,13 @@ def evaluate(
                 boundary_tolerance_px=boundary_tolerance_px, iou_threshold=iou_threshold,
                 min_area_m2=min_area, objects=objects, progress=progress,
             )
+            if road_id is not None:
+                t0 = time.perf_counter()
+                lines = reference_road_lines(labels, info, class_names=class_names, road_id=road_id,
+                                             class_field=class_field)
+                result.roads = road_scores(seg.class_path, reader, road_id=road_id, buffer_m=road_buffer_m,
+                                           reference_lines=lines, options=centreline_options)
+                timings["roads"] = round(time.perf_counter() - t0, 3)
     timings.update({f"score_{k}" if k != "total" else "score": v for k, v in result.timings_s.items()})
     timings["total"] = round(time.perf_counter() - t_start, 3)
     result.scene = str(info.path)

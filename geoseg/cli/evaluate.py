@@ -24,21 +24,29 @@ from geoseg.cli.options import StageBars, echo_json, inference_options, json_opt
               show_default=True, help="Boundary F1: a boundary pixel matches within this many pixels.")
 @click.option("--iou-threshold", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
               help="Object F1: a predicted polygon matches a true one when their IoU is at least this.")
+@click.option("--road-buffer", "road_buffer_m", type=click.FloatRange(min=0), default=None, metavar="METRES",
+              help="Score the road network: completeness, correctness and quality of the predicted centre-lines "
+                   "within this distance of the reference (the labels' road lines, or the centre-lines of their "
+                   "road pixels). Default: 3 when the model has a road class; 0 turns it off.")
+@click.option("--road-class", "road_class_name", default="road", show_default=True,
+              help="The model class that holds roads.")
 @inference_options
 @json_option
 @click.pass_context
 def evaluate(ctx: click.Context, scene: str, labels: str, model: str | None, label_field: str,
              line_width_m: float | None, label_values: str | None, boundary_tolerance_px: int,
-             iou_threshold: float, as_json: bool,
+             iou_threshold: float, road_buffer_m: float | None, road_class_name: str, as_json: bool,
              **inference) -> None:
     """Segment SCENE and score it against LABELS (polygons in any CRS, or a class/mask raster).
 
     Per class: IoU, F1 (Dice), precision, recall, boundary F1 and object F1; then pixel accuracy
-    and the mean IoU over foreground classes.
+    and the mean IoU over foreground classes. With a road class: road completeness, correctness
+    and quality of the centre-line network at --road-buffer metres.
 
     \b
     geoseg evaluate scene.tif buildings.gpkg
     geoseg evaluate scene.tif roads.gpkg --model roads --line-width 6 --json
+    geoseg evaluate scene.tif classes.tif --model landcover --label-values 0=ignore,1=building,2=background,3=road
     """
     from geoseg.evaluate import evaluate as run
 
@@ -46,7 +54,8 @@ def evaluate(ctx: click.Context, scene: str, labels: str, model: str | None, lab
     with StageBars("predict", quiet=bool(ctx.obj.get("quiet")), units={"score": "row"}) as progress:
         result = run(scene, labels, model=model, options=options, class_field=label_field,
                      line_width_m=line_width_m, label_values=label_values,
-                     boundary_tolerance_px=boundary_tolerance_px, iou_threshold=iou_threshold, progress=progress)
+                     boundary_tolerance_px=boundary_tolerance_px, iou_threshold=iou_threshold,
+                     road_buffer_m=road_buffer_m, road_class_name=road_class_name, progress=progress)
     if as_json:
         echo_json(result.to_dict())
         return
@@ -79,6 +88,12 @@ def format_table(result) -> str:
     lines.append(f"mean F1          {_num(result.mean_f1)}")
     lines.append(f"boundary F1      {_num(result.mean_boundary_f1)}  (tolerance {result.boundary_tolerance_px} px)")
     lines.append(f"object F1        {_num(result.object_f1)}  (IoU >= {result.iou_threshold:g})")
+    if result.roads:
+        r = result.roads
+        lines.append(f"road network     completeness {_num(r['completeness'])}  correctness {_num(r['correctness'])}  "
+                     f"quality {_num(r['quality'])}  (buffer {r['buffer_m']:g} m; reference: "
+                     f"{'label lines' if r['reference'] == 'lines' else 'centre-lines of the labelled road pixels'}, "
+                     f"{r['reference_m']:.0f} m; predicted {r['predicted_m']:.0f} m)")
     if result.model:
         lines.append(f"model            {result.model['name']}  sha256 {result.model['sha256']}")
     return "\n".join(lines)
