@@ -269,3 +269,14 @@ weight = 1
                    labelled_classes=["building"])
     values = set(np.unique(s.labels).tolist())
     assert values == {1, 3} and sets.sets[3] == {0, 2}
+
+
+def test_cli_labelled_classes_are_checked(tmp_path):
+    from click.testing import CliRunner
+
+    from geoseg.cli import cli
+
+    image = _raster(tmp_path / "a.tif", np.full((3, 40, 40), 90, np.uint8), count=3)
+    run = CliRunner().invoke(cli, ["train", "--images", image, "--labels", image, "--classes", "background,building",
+                                   "--labelled-classes", "forest", "-o", str(tmp_path / "m.keras")])
+    assert run.exit_code == 1 and "'forest' is not a class" in run.stderr

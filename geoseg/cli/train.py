@@ -68,7 +68,12 @@ def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
 @click.option("--line-width", type=float, default=None, metavar="METRES", help="Width to buffer line and point labels to.")
 @click.option("--label-values", default=None, metavar="V=CLASS,...",
               help="What the values of label rasters mean, e.g. 0=ignore,1=building,2-5=background "
-                   "(ignore: no part in the loss). Default: values are class ids.")
+                   "(ignore: no part in the loss; a|b: one of these classes; !a: any class but a). "
+                   "Default: values are class ids.")
+@click.option("--labelled-classes", default=None, metavar="NAME,...",
+              help="The only classes the labels name (e.g. building for footprints): other pixels are known "
+                   "only not to be one of them, and the loss does not push them towards any other class. "
+                   "Default: the labels name every class.")
 @click.option("--sample-weights", default=None, metavar="W1,W2,...",
               help="One weight per training image: its share of the chips drawn (balances small and large "
                    "datasets). Default: every chip equally often.")
@@ -152,6 +157,10 @@ def train(ctx: click.Context, config_path: str | None, **opts: Any) -> None:
     resume, overwrite, as_json = values.pop("resume"), values.pop("overwrite"), values.pop("as_json")
     aug_keys = [f for f in Augment.__dataclass_fields__]
     augment = Augment(**{k: values.pop(k) for k in aug_keys})
+    if isinstance(values.get("labelled_classes"), str):
+        values["labelled_classes"] = tuple(v.strip() for v in values["labelled_classes"].split(",") if v.strip())
+    elif values.get("labelled_classes") is None:
+        values["labelled_classes"] = ()
     if isinstance(values.get("classes"), str):
         values["classes"] = tuple(v.strip() for v in values["classes"].split(",") if v.strip())
     if resume:  # the interrupted run's settings; only these may change (given here or in --config)
