@@ -476,8 +476,15 @@ class InlineExecutor:
         pass
 
 
-def _init_process() -> None:
+def model_threads(workers: int) -> int:
+    """Threads each of ``workers`` local processes gives the model: the cores shared out, so that
+    N TensorFlow thread pools do not fight over the same cores."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def _init_process(threads: int) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))  # read when TensorFlow starts
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
 
 
@@ -491,7 +498,7 @@ class ProcessExecutor:
 
         self.workers = workers
         self.pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                           initializer=_init_process)
+                                           initializer=_init_process, initargs=(model_threads(workers),))
 
     def submit(self, job: Job) -> cf.Future:
         return self.pool.submit(run_job, job)
@@ -528,8 +535,10 @@ class DaskExecutor:
             if address:
                 self.client = Client(address, timeout=connect_timeout)
             else:
+                threads = str(model_threads(workers))
                 self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                            dashboard_address=None)
+                                            dashboard_address=None,
+                                            env={"TF_NUM_INTRAOP_THREADS": os.environ.get("TF_NUM_INTRAOP_THREADS", threads)})
                 self.client = Client(self.cluster)
         except (OSError, TimeoutError) as exc:
             raise InputError(f"cannot reach the Dask scheduler at {address}: {' '.join(str(exc).split())}; "
