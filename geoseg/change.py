@@ -674,9 +674,10 @@ def _tolerance(options: ChangeOptions, grid: Grid) -> float:
 def _compare_dates(b: DateInput, a: DateInput, grid: Grid, code_path: Path, conf_path: Path | None, *, n: int,
                    margin: float, tolerance_m: float, progress: Progress | None) -> dict[str, int]:
     """Write the change codes (and confidences) of the whole grid, strip by strip."""
-    from geoseg.outputs import TiledTiffWriter
+    from geoseg.outputs import SCRATCH_COMPRESS, TiledTiffWriter
 
-    common = dict(width=grid.width, height=grid.height, crs=grid.crs, transform=grid.transform)
+    common = dict(width=grid.width, height=grid.height, crs=grid.crs, transform=grid.transform,
+                  **SCRATCH_COMPRESS)
     halo = math.ceil(tolerance_m / grid.pixel_m[1]) + 1 if tolerance_m > 0 else 0
     rows = max(_strip_rows(grid.width), 4 * halo)  # the halo read twice costs at most half a strip more
     counts = {"compared": 0, "changed": 0, "suppressed_by_margin": 0, "suppressed_by_tolerance": 0}

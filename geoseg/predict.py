@@ -287,9 +287,10 @@ class RasterSinks:
     """Writes finished strips: class ids, per-pixel score, and (optionally) class probabilities."""
 
     def __init__(self, info: SceneInfo, *, classes: int, scratch: Path, probs: bool) -> None:
-        from geoseg.outputs import TiledTiffWriter
+        from geoseg.outputs import SCRATCH_COMPRESS, TiledTiffWriter
 
-        common = dict(width=info.width, height=info.height, crs=info.crs, transform=info.transform)
+        common = dict(width=info.width, height=info.height, crs=info.crs, transform=info.transform,
+                      **SCRATCH_COMPRESS)
         self.class_path = scratch / "classes.tif"
         self.score_path = scratch / "score.tif"
         self.probs_path = scratch / "probs.tif" if probs else None
