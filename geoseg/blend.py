@@ -56,6 +56,31 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return z
 
 
+# Reductions over a short last axis (the classes) are slow in numpy (a strided inner loop of a few
+# elements per pixel); one whole-array operation per class is 4-5x faster for the class counts of
+# segmentation models. Same results: ties go to the first class, as with np.argmax.
+def argmax_classes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(argmax, max)`` over the last axis of ``x`` (..., classes)."""
+    best = x[..., 0].copy()
+    index = np.zeros(best.shape, dtype=np.uint8)
+    for k in range(1, x.shape[-1]):
+        better = x[..., k] > best
+        index[better] = k
+        np.maximum(best, x[..., k], out=best)
+    return index, best
+
+
+def softmax_classes(z: np.ndarray, zmax: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis of ``z`` (modified in place), given its maximum ``zmax``."""
+    z -= zmax[..., None]
+    np.exp(z, out=z)
+    total = z[..., 0].copy()
+    for k in range(1, z.shape[-1]):
+        total += z[..., k]
+    z /= total[..., None]
+    return z
+
+
 @dataclass(frozen=True)
 class Strip:
     """Finished rows ``[row_off, row_off + rows)``, full width."""
@@ -133,17 +158,20 @@ class StripAccumulator:
     def _flush(self, upto: int) -> None:
         upto = min(upto, self.height)
         while self.top < upto:
-            n = min(upto - self.top, self.rows, self.flush_rows)
-            acc, wsum, valid = self.acc[:n], self.wsum[:n], self.valid[:n]
-            covered = valid & (wsum > 0)
-            probs = softmax(acc / np.where(wsum > 0, wsum, 1)[..., None])
-            classes = np.argmax(acc, axis=-1).astype(np.uint8)  # the weight sum does not change argmax
-            classes[~covered] = self.nodata
-            probs[~covered] = 0
-            self.sink(Strip(row_off=self.top, col_off=self.col_off, classes=classes, probs=probs, valid=covered))
-            # Move the unfinished rows up and clear the freed ones.
-            keep = self.rows - n
+            n = min(upto - self.top, self.rows)  # finished rows held in the buffer
+            for s0 in range(0, n, self.flush_rows):  # handed out in slices (bounds temporaries)
+                s1 = min(n, s0 + self.flush_rows)
+                acc, wsum, valid = self.acc[s0:s1], self.wsum[s0:s1], self.valid[s0:s1]
+                covered = valid & (wsum > 0)
+                z = acc / np.where(wsum > 0, wsum, 1)[..., None]
+                classes, zmax = argmax_classes(z)  # the weight sum does not change the argmax
+                probs = softmax_classes(z, zmax)
+                classes[~covered] = self.nodata
+                probs[~covered] = 0
+                self.sink(Strip(row_off=self.top + s0, col_off=self.col_off, classes=classes, probs=probs,
+                                valid=covered))
+            keep = self.rows - n  # one shift per flush, not one per slice
             for buf in (self.acc, self.wsum, self.valid):
-                buf[:keep] = buf[n:].copy()
+                buf[:keep] = buf[n:]  # numpy copies through a buffer when the two overlap
                 buf[keep:] = 0
             self.top += n
