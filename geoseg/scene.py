@@ -221,10 +221,13 @@ class SceneReader:
         if info.resampled:
             from rasterio.vrt import WarpedVRT
 
+            # An alpha band is carried into the VRT as its alpha already (GDAL refuses a second one);
+            # an internal mask needs an added alpha band to survive the warp.
+            has_alpha = any(MaskFlags.alpha in flags for flags in self._file.mask_flag_enums)
             self._ds = WarpedVRT(
                 self._file, crs=info.crs, transform=info.transform, width=info.width, height=info.height,
                 resampling=rasterio.enums.Resampling.bilinear, src_crs=info.crs,
-                add_alpha=info.mask_kind == "mask",
+                add_alpha=info.mask_kind == "mask" and not has_alpha,
             )
 
     def close(self) -> None:

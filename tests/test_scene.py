@@ -73,6 +73,23 @@ def test_internal_mask_and_alpha_band(raster):
     np.testing.assert_array_equal(valid, mask)
 
 
+def test_alpha_band_and_internal_mask_read_resampled(raster):
+    """Reading at another GSD warps the scene: an alpha band is the warped VRT's alpha (GDAL refused
+    a second one), an internal mask becomes one."""
+    from geoseg.scene import at_gsd
+
+    data = rgb()
+    mask = np.ones(data.shape[1:], bool)
+    mask[:, :10] = False  # the left columns are invalid
+    for kind in ("alpha", "mask"):
+        path = raster(data, name=f"{kind}.tif", **({"alpha": np.where(mask, 255, 0)} if kind == "alpha" else {"mask": mask}))
+        info = open_scene(path)
+        coarse = at_gsd(info, info.gsd * 2)
+        px, valid = read_all(coarse)
+        assert px.shape[-1] == 3 and px.shape[:2] == (coarse.height, coarse.width)
+        assert not valid[:, :4].any() and valid[:, 6:].all(), kind
+
+
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "float32"])
 def test_dtypes_read_unchanged(raster, dtype):
     data = rgb(dtype=dtype)
