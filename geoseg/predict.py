@@ -200,12 +200,42 @@ def iter_batches(
             yield emit()
 
 
+class Handoff:
+    """A bounded queue between two threads that a KeyboardInterrupt cannot wedge.
+
+    ``queue.Queue`` takes its lock in Python code: Ctrl-C or SIGTERM (raised as KeyboardInterrupt
+    in the main thread) landing between the lock's acquire and release leaves it held, and the
+    clean-up's next ``put`` or ``get`` then waits for ever. Here every operation is a single call
+    into ``queue.SimpleQueue`` (C); the bound is a second SimpleQueue of free slots.
+    """
+
+    def __init__(self, depth: int) -> None:
+        self._items: queue.SimpleQueue = queue.SimpleQueue()
+        self._slots: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(max(1, depth)):
+            self._slots.put(None)
+
+    def put(self, item: object, timeout: float | None = None) -> None:
+        """Wait for a free slot (``queue.Empty`` after ``timeout`` seconds), then hand ``item`` over."""
+        self._slots.get(timeout=timeout)
+        self._items.put(item)
+
+    def put_last(self, item: object) -> None:
+        """Hand over an end marker without waiting for a slot (it never blocks)."""
+        self._items.put(item)
+
+    def get(self) -> object:
+        item = self._items.get()
+        self._slots.put(None)
+        return item
+
+
 def prefetch(gen: Iterator[Batch], depth: int) -> Iterator[Batch]:
     """Run ``gen`` in a background thread, ``depth`` items ahead (GDAL releases the GIL)."""
     if depth <= 0:
         yield from gen
         return
-    q: queue.Queue = queue.Queue(maxsize=depth)
+    q = Handoff(depth)
     stop = threading.Event()
     done = object()
 
@@ -216,13 +246,13 @@ def prefetch(gen: Iterator[Batch], depth: int) -> Iterator[Batch]:
                     try:
                         q.put(item, timeout=0.1)
                         break
-                    except queue.Full:
+                    except queue.Empty:  # no free slot yet
                         continue
                 if stop.is_set():
                     return
-            q.put(done)
+            q.put_last(done)
         except BaseException as exc:  # handed to the consumer, raised there
-            q.put(exc)
+            q.put_last(exc)
 
     thread = threading.Thread(target=work, name="geoseg-reader", daemon=True)
     thread.start()
@@ -235,13 +265,8 @@ def prefetch(gen: Iterator[Batch], depth: int) -> Iterator[Batch]:
                 raise item
             yield item
     finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                pass
-            thread.join(timeout=0.05)
+        stop.set()  # the reader notices within 0.1 s, even when no slot frees up
+        thread.join(timeout=5.0)
 
 
 class Behind:
@@ -251,7 +276,7 @@ class Behind:
 
     def __init__(self, fn: Callable[[object], None], depth: int = 2) -> None:
         self._fn, self._error, self.busy_s = fn, None, 0.0
-        self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._q = Handoff(depth)
         self._thread = threading.Thread(target=self._work, name="geoseg-blender", daemon=True)
         self._thread.start()
 
@@ -277,7 +302,7 @@ class Behind:
         """Wait for every item put so far; raise the first error (unless another one is already
         on its way up: ``raise_error=False``)."""
         if self._thread.is_alive():
-            self._q.put(None)
+            self._q.put_last(None)
             self._thread.join()
         if self._error is not None and raise_error:
             raise self._error

@@ -431,7 +431,12 @@ def test_ctrl_c_and_sigterm_remove_temporaries_and_keep_earlier_outputs(work, mo
                       "--tile-size", 64, "--overlap", 16, "--batch-size", 1, "--overwrite")
     wait_for_temporaries(out, proc)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # a hang (a lock left held by the interrupt, say)
+        proc.kill()
+        _, err = proc.communicate(timeout=60)
+        raise AssertionError(f"no exit 120 s after signal {sig!r}:\n{err[-3000:]}") from None
     assert proc.returncode == code, err
     assert err.strip().splitlines()[-1].startswith("Error: interrupted"), err
     assert "Traceback" not in err
