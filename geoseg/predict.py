@@ -640,17 +640,9 @@ def cleanup_for(options: PredictOptions, meta):
 
 def parse_min_area(text: str | None) -> float | dict[str, float] | None:
     """``"4"`` -> 4.0 (every class); ``"building=10,water=200"`` -> {class: m²}."""
-    if text is None or not str(text).strip():
-        return None
-    text = str(text).strip()
-    try:
-        if "=" not in text:
-            return float(text)
-        pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
-        return {name.strip(): float(value) for name, value in pairs}
-    except ValueError:
-        raise InputError(f"--min-area {text!r}: give square metres (e.g. 4) or CLASS=M2 pairs "
-                         f"(e.g. building=10,water=200)") from None
+    from geoseg.cleanup import parse_per_class
+
+    return parse_per_class(text, "--min-area")
 
 
 def load_model_for(model: str | os.PathLike | None, options: PredictOptions):
