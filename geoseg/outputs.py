@@ -622,7 +622,6 @@ def write_polygon_stream(
     Returns ``{layer: (count, area_m2)}``.
     """
     import geopandas as gpd
-    import pyogrio
 
     from geoseg.polygons import _frame
 
@@ -645,12 +644,7 @@ def write_polygon_stream(
         for key in got[0].extra:
             if all(key in b.extra for b in got):
                 frame[key] = np.concatenate([b.extra[key] for b in got])
-        frame, _ = _layer_frame(frame)
-        try:
-            pyogrio.write_dataframe(frame, os.fspath(path), layer=name, driver="GPKG", append=True,
-                                    promote_to_multi=True, geometry_type="MultiPolygon")
-        except (OSError, pyogrio.errors.DataSourceError) as exc:
-            raise OutputError(f"writing {path} failed: {exc}; check free disk space") from exc
+        append_layer(path, name, frame)
         n, area = totals[name]
         totals[name] = (n + len(frame), area + float(frame["area_m2"].sum()))
 
