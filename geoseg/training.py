@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from geoseg.errors import InputError, OutputError
-from geoseg.labels import IGNORE, parse_label_values
+from geoseg.labels import IGNORE
 
 log = logging.getLogger(__name__)
 
