@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--precision", default="float32")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--no-naive", action="store_true", help="skip the naive pipeline")
+    ap.add_argument("--blend", default="cosine", help="geoseg's --blend (mean: the naive pipeline's even averaging)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--write", default=None, help="Markdown file to append the tables to")
     ap.add_argument("--child", nargs="+", default=None, help=argparse.SUPPRESS)
@@ -159,7 +160,7 @@ def main() -> None:
         mpx = args.size * args.size / 1e6
         proc, wall, rss = timed([geoseg, "-q", "predict", str(scene), "-o", str(tmp / "g.gpkg"), "--raster-out",
                                  str(tmp / "g.tif"), "--model", args.model, "--precision", args.precision,
-                                 "--batch-size", str(args.batch_size), "--json"])
+                                 "--batch-size", str(args.batch_size), "--blend", args.blend, "--json"])
         doc = json.loads(proc.stdout)
         t = doc["timings_s"]
         run_tiles, tile, overlap = doc["tiles"]["run"], doc["tiles"]["size"], doc["tiles"]["overlap"]
@@ -184,8 +185,8 @@ def main() -> None:
         f"Measured {machine()}, CPU only, TensorFlow backend, {args.precision}, model `{args.model}`, "
         f"tile {tile} / overlap {overlap}, batch {args.batch_size}; {run_tiles} tiles run.",
         "",
-        f"Command: `python benchmarks/pipeline.py --size {args.size} --precision {args.precision}"
-        f"{' --no-naive' if args.no_naive else ''}`",
+        f"Command: `python benchmarks/pipeline.py --size {args.size} --batch-size {args.batch_size} "
+        f"--precision {args.precision} --blend {args.blend}{' --no-naive' if args.no_naive else ''}`",
         "",
         "| run | seconds | Mpx/s | peak RSS (MiB) |",
         "|---|---|---|---|",
@@ -204,8 +205,8 @@ def main() -> None:
     if naive:
         lines += ["", f"geoseg against the naive pipeline: **{naive['work_s'] / pipeline_s:.1f}x** faster, "
                   f"**{naive['rss'] / rss:.1f}x** less peak memory; pixel agreement of the class rasters "
-                  f"**{naive['agree']:.2%}** (the naive run averages overlaps evenly, geoseg blends with cosine "
-                  f"weights); polygons: geoseg {sum(doc['counts'].values())}, naive {naive['polygons']}."]
+                  f"**{naive['agree']:.2%}** (the naive run averages overlaps evenly, geoseg blended with "
+                  f"--blend {args.blend}); polygons: geoseg {sum(doc['counts'].values())}, naive {naive['polygons']}."]
     publish(lines, args.write)
 
 
