@@ -14,7 +14,6 @@ Each step lives in its own module; this one wires them together, streaming:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import queue
 import threading
@@ -611,21 +610,9 @@ def building_class(class_names) -> int:
 def min_areas(options: PredictOptions, meta) -> dict[str, float]:
     """Minimum polygon area per class: the model's values, replaced by ``--min-area`` (one number for
     every class, or some classes by name). InputError for unknown class names or negative areas."""
-    areas = {c.name: float(c.min_area_m2) for c in meta.classes}
-    given = options.min_area_m2
-    if given is None:
-        return areas
-    if not isinstance(given, Mapping):
-        given = dict.fromkeys(areas, given)
-    unknown = sorted(set(given) - set(areas))
-    if unknown:
-        raise InputError(f"--min-area names unknown class(es) {', '.join(unknown)}; the model's classes are "
-                         f"{', '.join(areas)}")
-    for name, value in given.items():
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise InputError(f"--min-area {name}={value}: give an area >= 0 in square metres")
-        areas[name] = float(value)
-    return areas
+    from geoseg.cleanup import per_class
+
+    return per_class(options.min_area_m2, {c.name: c.min_area_m2 for c in meta.classes}, "--min-area")
 
 
 def cleanup_for(options: PredictOptions, meta):
