@@ -206,8 +206,11 @@ def iter_polygons(
         prev_row: np.ndarray | None = None  # class ids of the last row of the previous strip
         prev_ids: np.ndarray | None = None  # their global region ids (0: none)
 
+        # class ids as int32 when every value fits (half the memory of int64 in each strip's temporaries)
+        ids = np.int32 if np.dtype(ds.dtypes[0]) in (np.uint8, np.int8, np.uint16, np.int16, np.int32) else np.int64
+
         def read(r0: int, r1: int) -> np.ndarray:
-            return ds.read(1, window=Window(0, r0, width, r1 - r0)).astype(np.int64)
+            return ds.read(1, window=Window(0, r0, width, r1 - r0)).astype(ids)
 
         def valid_of(cls: np.ndarray) -> np.ndarray:
             return np.ones(cls.shape, bool) if nodata is None else cls != nodata
@@ -267,9 +270,12 @@ def _label_regions(cls: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.n
     four = ndimage.generate_binary_structure(2, 1)
     offset = 0
     for c in np.unique(cls[valid]).tolist():
-        lab, n = ndimage.label(valid & (cls == c), structure=four)
+        lab, n = ndimage.label(valid & (cls == c), structure=four, output=np.int32)
         if n:
-            np.add(labels, np.where(lab > 0, lab + offset, 0).astype(np.int32), out=labels)
+            inside = lab > 0  # the regions of one class never overlap another's: add in place
+            lab[inside] += offset
+            labels += lab
+            del inside
             classes.append(np.full(n, c, np.int64))
             offset += n
     return labels, (np.concatenate(classes) if classes else np.zeros(0, np.int64))
