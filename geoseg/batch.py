@@ -23,6 +23,7 @@ A job that fails is recorded with its error; the jobs that need it are *blocked*
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import csv
 import dataclasses
@@ -302,8 +303,9 @@ def plan(manifest: Manifest, *, hashes: HashCache | None = None) -> list[Job]:
 
     root = manifest.output
     options, extra = predict_options(manifest.predict)
-    dated = {s.area for s in manifest.scenes if sum(t.area == s.area for t in manifest.scenes) > 1}
-    copts = change_options(manifest.change) if dated else None  # only areas with two dates or more need it
+    dates_per_area = collections.Counter(s.area for s in manifest.scenes)
+    # only areas with two dates or more have change jobs, and need the change options
+    copts = change_options(manifest.change) if max(dates_per_area.values()) > 1 else None
     model_path = resolve_model(manifest.model)
     read_meta(model_path)  # a bad model fails the whole run now, not every job later
     model_sha = file_sha256(model_path)
