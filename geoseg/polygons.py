@@ -33,6 +33,7 @@ from pyproj.crs.coordinate_operation import LambertCylindricalEqualAreaConversio
 from rasterio.windows import Window
 
 from geoseg.cleanup import Cleanup, clean_strips, simplify_coverage
+from geoseg import memory
 from geoseg.errors import InputError
 
 if TYPE_CHECKING:
@@ -251,14 +252,18 @@ def iter_polygons(
                 for a, b in set(zip(prev_ids[same].tolist(), (base + top[same]).tolist())):
                     state.union(a, b)
             bottom = labels[-1]
-            prev_row = cls[-1]
+            prev_row = cls[-1].copy()  # not a view: the strip itself can go
             prev_ids = np.where(bottom > 0, base + bottom, 0)
             last = row0 + h >= height
             open_ids = np.zeros(0, np.int64) if last else np.unique(prev_ids[prev_ids > 0])
             if progress is not None:
                 progress(h)
+            del labels, geoms, local, wanted, valid, top, bottom
+            if sds is not None:
+                del values, ok
             for cid, gs, ss, cs in state.finish(open_ids):
                 yield from _batch(cid, _to_world(gs, ds.transform), ss, cs, crs, limit, score_scale, sds is not None)
+            memory.release()  # the strip's temporaries are gone: give their pages back (geoseg.memory)
 
 
 def _label_regions(cls: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
