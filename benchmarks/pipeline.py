@@ -139,6 +139,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--no-naive", action="store_true", help="skip the naive pipeline")
     ap.add_argument("--blend", default="cosine", help="geoseg's --blend (mean: the naive pipeline's even averaging)")
+    ap.add_argument("--polygonize", default="after", choices=["after", "live"],
+                    help="geoseg's --polygonize: beside the model (live) or after it")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--write", default=None, help="Markdown file to append the tables to")
     ap.add_argument("--child", nargs="+", default=None, help=argparse.SUPPRESS)
@@ -160,7 +162,8 @@ def main() -> None:
         mpx = args.size * args.size / 1e6
         proc, wall, rss = timed([geoseg, "-q", "predict", str(scene), "-o", str(tmp / "g.gpkg"), "--raster-out",
                                  str(tmp / "g.tif"), "--model", args.model, "--precision", args.precision,
-                                 "--batch-size", str(args.batch_size), "--blend", args.blend, "--json"])
+                                 "--batch-size", str(args.batch_size), "--blend", args.blend, "--polygonize",
+                                 args.polygonize, "--json"])
         doc = json.loads(proc.stdout)
         t = doc["timings_s"]
         run_tiles, tile, overlap = doc["tiles"]["run"], doc["tiles"]["size"], doc["tiles"]["overlap"]
@@ -186,7 +189,8 @@ def main() -> None:
         f"tile {tile} / overlap {overlap}, batch {args.batch_size}; {run_tiles} tiles run.",
         "",
         f"Command: `python benchmarks/pipeline.py --size {args.size} --batch-size {args.batch_size} "
-        f"--precision {args.precision} --blend {args.blend}{' --no-naive' if args.no_naive else ''}`",
+        f"--precision {args.precision} --blend {args.blend} --polygonize {args.polygonize}"
+        f"{' --no-naive' if args.no_naive else ''}`",
         "",
         "| run | seconds | Mpx/s | peak RSS (MiB) |",
         "|---|---|---|---|",

@@ -705,6 +705,17 @@ def write_line_layer(
         raise OutputError(f"writing layer {name} to {path} failed: {exc}; check free disk space") from exc
 
 
+def add_run_metadata(path: str | os.PathLike, metadata: Mapping[str, str]) -> None:
+    """Add (or replace) rows of the ``geoseg_run`` table of a GeoPackage made by :func:`write_geopackage`."""
+    path = os.fspath(path)
+    try:
+        with closing(sqlite3.connect(path)) as db, db:
+            db.executemany(f"INSERT OR REPLACE INTO {RUN_TABLE} (key, value) VALUES (?, ?)",
+                           [(str(k), str(v)) for k, v in metadata.items()])
+    except sqlite3.Error as exc:
+        raise OutputError(f"writing the run metadata to {path} failed: {exc}; check free disk space") from exc
+
+
 def _layer_frame(frame: gpd.GeoDataFrame) -> tuple[gpd.GeoDataFrame, str]:
     """Frame with the polygon schema (columns in order, dtypes fixed) and its geometry type."""
     import geopandas as gpd

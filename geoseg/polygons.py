@@ -39,7 +39,7 @@ from geoseg.errors import InputError
 if TYPE_CHECKING:
     import geopandas as gpd
 
-__all__ = ["polygonize", "iter_polygons", "PolygonBatch", "area_m2", "perimeter_m"]
+__all__ = ["polygonize", "iter_polygons", "iter_polygons_of", "RasterRows", "PolygonBatch", "area_m2", "perimeter_m"]
 
 COLUMNS = ("class_name", "class_id", "area_m2", "perimeter_m", "score", "geometry")
 
@@ -174,12 +174,9 @@ def iter_polygons(
     pieces of every class, skipped ones included, are simplified together as one coverage with the
     strip's outline fixed, before the skipped classes' pieces are dropped.
     """
-    class_names = list(class_names)
-    if not class_names:
+    if not list(class_names):
         raise InputError("class_names is empty: pass one name per class id (id 0 first)")
-    thresholds = _min_area_per_class(min_area_m2, class_names)
-    limit = np.array([thresholds[n] for n in class_names])
-    kept = np.array([i not in skip for i in range(len(class_names))])
+    _min_area_per_class(min_area_m2, list(class_names))  # bad values fail before the raster is opened
 
     with rasterio.open(class_path) as ds, (rasterio.open(score_path) if score_path else nullcontext()) as sds:
         if ds.crs is None:
@@ -199,71 +196,127 @@ def iter_polygons(
                 f" is not on the class raster's grid ({ds.width}x{ds.height}, "
                 f"{tuple(ds.transform)[:6]}); write both from the same prediction"
             )
-        crs = CRS.from_wkt(ds.crs.to_wkt())
-        height, width, nodata = ds.height, ds.width, ds.nodata
-        rows = strip_rows or _strip_rows(ds)
-        clean = (cleanup or Cleanup()).for_raster(class_names, _pixel_area_m2(ds))
-        state = _Regions()
-        prev_row: np.ndarray | None = None  # class ids of the last row of the previous strip
-        prev_ids: np.ndarray | None = None  # their global region ids (0: none)
+        width = ds.width
+        rows = RasterRows(
+            name=str(class_path), crs=CRS.from_wkt(ds.crs.to_wkt()), transform=ds.transform, height=ds.height,
+            width=width, dtype=np.dtype(ds.dtypes[0]), nodata=ds.nodata, block_rows=ds.block_shapes[0][0],
+            read=lambda r0, r1: ds.read(1, window=Window(0, r0, width, r1 - r0)),
+            read_score=(lambda r0, r1: sds.read(1, window=Window(0, r0, width, r1 - r0))) if sds is not None else None,
+            score_nodata=sds.nodata if sds is not None else None,
+        )
+        yield from iter_polygons_of(rows, class_names=class_names, skip=skip, score_scale=score_scale,
+                                    min_area_m2=min_area_m2, progress=progress, strip_rows=strip_rows, cleanup=cleanup)
 
-        # class ids as int32 when every value fits (half the memory of int64 in each strip's temporaries)
-        ids = np.int32 if np.dtype(ds.dtypes[0]) in (np.uint8, np.int8, np.uint16, np.int16, np.int32) else np.int64
 
-        def read(r0: int, r1: int) -> np.ndarray:
-            return ds.read(1, window=Window(0, r0, width, r1 - r0)).astype(ids)
+@dataclass(frozen=True)
+class RasterRows:
+    """A class raster (and optionally its score raster) as rows read from the top: from files
+    (:func:`iter_polygons`) or from strips as predict finishes them (``predict.LiveRows``).
+    ``read(r0, r1)`` returns class ids of rows ``r0..r1-1``; ``read_score`` the same rows' scores.
+    Both are called with increasing, contiguous row ranges (clean-up halos are kept, not re-read)."""
 
-        def valid_of(cls: np.ndarray) -> np.ndarray:
-            return np.ones(cls.shape, bool) if nodata is None else cls != nodata
+    name: str
+    crs: CRS
+    transform: object
+    height: int
+    width: int
+    dtype: np.dtype
+    nodata: float | None
+    block_rows: int
+    read: Callable[[int, int], np.ndarray]
+    read_score: Callable[[int, int], np.ndarray] | None = None
+    score_nodata: float | None = None
 
-        for row0, _, cls in clean_strips(read, height=height, strip_rows=rows, valid_of=valid_of, cleanup=clean):
-            h = cls.shape[0]
-            window = Window(0, row0, width, h)
-            valid = valid_of(cls)
-            unknown = np.unique(cls[valid & ((cls < 0) | (cls >= len(class_names)))])
-            if unknown.size:
-                raise InputError(
-                    f"{class_path} holds class id(s) {unknown.tolist()} but only {len(class_names)} "
-                    f"class names were given ({class_names}); pass a name for every id, or set "
-                    "the raster's nodata value"
-                )
-            wanted = valid & kept[np.clip(cls, 0, len(class_names) - 1)]
-            # Simplifying needs every class's pieces (they form the coverage); else only kept ones.
-            labels, region_class = _label_regions(cls, valid if clean.simplifies else wanted)
-            n = len(region_class)
-            base = state.add(region_class)  # global id = base + local id (local ids from 1)
-            geoms, local = _trace(labels, row0)
-            if clean.simplifies:
-                geoms = simplify_coverage(geoms, region_class[local - 1], clean.tolerance_px)
-                mine = kept[region_class[local - 1]]
-                geoms, local = geoms[mine], local[mine]
-                labels = np.where(wanted, labels, 0)
-            if sds is not None:
-                values = sds.read(1, window=window)
-                ok = labels > 0
-                if sds.nodata is not None:
-                    ok &= values != sds.nodata
-                state.add_scores(base, np.bincount(labels[ok], weights=values[ok], minlength=n + 1)[1:],
-                                 np.bincount(labels[ok], minlength=n + 1)[1:])
-            state.add_pieces(base + local, geoms)
-            top = labels[0]
-            if prev_row is not None:
-                same = (prev_ids > 0) & (top > 0) & (prev_row == cls[0])
-                for a, b in set(zip(prev_ids[same].tolist(), (base + top[same]).tolist())):
-                    state.union(a, b)
-            bottom = labels[-1]
-            prev_row = cls[-1].copy()  # not a view: the strip itself can go
-            prev_ids = np.where(bottom > 0, base + bottom, 0)
-            last = row0 + h >= height
-            open_ids = np.zeros(0, np.int64) if last else np.unique(prev_ids[prev_ids > 0])
-            if progress is not None:
-                progress(h)
-            del labels, geoms, local, wanted, valid, top, bottom
-            if sds is not None:
-                del values, ok
-            for cid, gs, ss, cs in state.finish(open_ids):
-                yield from _batch(cid, _to_world(gs, ds.transform), ss, cs, crs, limit, score_scale, sds is not None)
-            memory.release()  # the strip's temporaries are gone: give their pages back (geoseg.memory)
+    def strip_rows(self) -> int:
+        """Rows per strip: about _STRIP_PIXELS pixels, whole blocks when that fits."""
+        rows = max(1, _STRIP_PIXELS // max(self.width, 1))
+        if rows >= self.block_rows:
+            rows -= rows % self.block_rows
+        return min(rows, self.height)
+
+
+def iter_polygons_of(
+    source: RasterRows,
+    *,
+    class_names: Sequence[str],
+    skip: Container[int] = (0,),
+    score_scale: float = 1 / 65535,
+    min_area_m2: float | Mapping[str, float] = 0.0,
+    progress: Callable[[int], None] | None = None,
+    strip_rows: int | None = None,
+    cleanup: Cleanup | None = None,
+) -> Iterator[PolygonBatch]:
+    """:func:`iter_polygons` on rows from any source (see :class:`RasterRows`)."""
+    class_names = list(class_names)
+    if not class_names:
+        raise InputError("class_names is empty: pass one name per class id (id 0 first)")
+    thresholds = _min_area_per_class(min_area_m2, class_names)
+    limit = np.array([thresholds[n] for n in class_names])
+    kept = np.array([i not in skip for i in range(len(class_names))])
+    crs, transform = source.crs, source.transform
+    height, width, nodata = source.height, source.width, source.nodata
+    scored = source.read_score is not None
+    rows = strip_rows or source.strip_rows()
+    clean = (cleanup or Cleanup()).for_raster(class_names, _pixel_area_m2(transform, crs, width, height))
+    state = _Regions()
+    prev_row: np.ndarray | None = None  # class ids of the last row of the previous strip
+    prev_ids: np.ndarray | None = None  # their global region ids (0: none)
+
+    # class ids as int32 when every value fits (half the memory of int64 in each strip's temporaries)
+    ids = np.int32 if source.dtype in (np.uint8, np.int8, np.uint16, np.int16, np.int32) else np.int64
+
+    def read(r0: int, r1: int) -> np.ndarray:
+        return source.read(r0, r1).astype(ids)
+
+    def valid_of(cls: np.ndarray) -> np.ndarray:
+        return np.ones(cls.shape, bool) if nodata is None else cls != nodata
+
+    for row0, _, cls in clean_strips(read, height=height, strip_rows=rows, valid_of=valid_of, cleanup=clean):
+        h = cls.shape[0]
+        valid = valid_of(cls)
+        unknown = np.unique(cls[valid & ((cls < 0) | (cls >= len(class_names)))])
+        if unknown.size:
+            raise InputError(
+                f"{source.name} holds class id(s) {unknown.tolist()} but only {len(class_names)} "
+                f"class names were given ({class_names}); pass a name for every id, or set "
+                "the raster's nodata value"
+            )
+        wanted = valid & kept[np.clip(cls, 0, len(class_names) - 1)]
+        # Simplifying needs every class's pieces (they form the coverage); else only kept ones.
+        labels, region_class = _label_regions(cls, valid if clean.simplifies else wanted)
+        n = len(region_class)
+        base = state.add(region_class)  # global id = base + local id (local ids from 1)
+        geoms, local = _trace(labels, row0)
+        if clean.simplifies:
+            geoms = simplify_coverage(geoms, region_class[local - 1], clean.tolerance_px)
+            mine = kept[region_class[local - 1]]
+            geoms, local = geoms[mine], local[mine]
+            labels = np.where(wanted, labels, 0)
+        if scored:
+            values = source.read_score(row0, row0 + h)
+            ok = labels > 0
+            if source.score_nodata is not None:
+                ok &= values != source.score_nodata
+            state.add_scores(base, np.bincount(labels[ok], weights=values[ok], minlength=n + 1)[1:],
+                             np.bincount(labels[ok], minlength=n + 1)[1:])
+            del values, ok
+        state.add_pieces(base + local, geoms)
+        top = labels[0]
+        if prev_row is not None:
+            same = (prev_ids > 0) & (top > 0) & (prev_row == cls[0])
+            for a, b in set(zip(prev_ids[same].tolist(), (base + top[same]).tolist())):
+                state.union(a, b)
+        bottom = labels[-1]
+        prev_row = cls[-1].copy()  # not a view: the strip itself can go
+        prev_ids = np.where(bottom > 0, base + bottom, 0)
+        last = row0 + h >= height
+        open_ids = np.zeros(0, np.int64) if last else np.unique(prev_ids[prev_ids > 0])
+        if progress is not None:
+            progress(h)
+        del labels, geoms, local, wanted, valid, top, bottom
+        for cid, gs, ss, cs in state.finish(open_ids):
+            yield from _batch(cid, _to_world(gs, transform), ss, cs, crs, limit, score_scale, scored)
+        memory.release()  # the strip's temporaries are gone: give their pages back (geoseg.memory)
 
 
 def _label_regions(cls: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -516,21 +569,12 @@ def _as_multi(geoms: np.ndarray) -> np.ndarray:
     return out
 
 
-def _pixel_area_m2(ds) -> float:
+def _pixel_area_m2(transform, crs, width: int, height: int) -> float:
     """True area of the raster's centre pixel in m² (all pixels of a projected grid; on a lon/lat
     grid the clean-up thresholds in pixels are those of the centre row)."""
-    col, row = ds.width // 2, ds.height // 2
-    corners = [ds.transform * xy for xy in ((col, row), (col + 1, row), (col + 1, row + 1), (col, row + 1))]
-    return float(area_m2(np.array([shapely.Polygon(corners)], dtype=object), ds.crs)[0])
-
-
-def _strip_rows(ds) -> int:
-    """Rows per strip: about _STRIP_PIXELS pixels, whole blocks when that fits."""
-    rows = max(1, _STRIP_PIXELS // max(ds.width, 1))
-    block_h = ds.block_shapes[0][0]
-    if rows >= block_h:
-        rows -= rows % block_h
-    return min(rows, ds.height)
+    col, row = width // 2, height // 2
+    corners = [transform * xy for xy in ((col, row), (col + 1, row), (col + 1, row + 1), (col, row + 1))]
+    return float(area_m2(np.array([shapely.Polygon(corners)], dtype=object), crs)[0])
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,6 +62,12 @@ class PredictOptions:
     sieve_m2: float | Mapping[str, float] | None = None
     max_hole_m2: float | Mapping[str, float] | None = None
     simplify_m: float | Mapping[str, float] | None = None
+    # "after": polygonize once the model is done; "live": a scene of one column chunk beside the model,
+    # strip by strip. Live pays only where the model leaves a core free (a GPU, or fewer TensorFlow
+    # threads than cores): 0.95 of model-alone throughput against 0.88 with TensorFlow on one of the
+    # 2 cores; with TensorFlow on both it slowed the model and gave 0.81 against 0.85
+    # (benchmarks/pipeline.py --polygonize, docs/performance.md).
+    polygonize: str = "after"
 
 
 @dataclass
@@ -310,8 +316,11 @@ class Behind:
 class RasterSinks:
     """Writes finished strips: class ids, per-pixel score, and (optionally) class probabilities."""
 
-    def __init__(self, info: SceneInfo, *, classes: int, scratch: Path, probs: bool) -> None:
+    def __init__(self, info: SceneInfo, *, classes: int, scratch: Path, probs: bool,
+                 on_rows: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> None:
         from geoseg.outputs import SCRATCH_COMPRESS, TiledTiffWriter
+
+        self.on_rows = on_rows  # also gets each full-width strip's (row_off, classes, score): LiveRows.add
 
         common = dict(width=info.width, height=info.height, crs=info.crs, transform=info.transform,
                       **SCRATCH_COMPRESS)
@@ -331,6 +340,8 @@ class RasterSinks:
         score = np.where(strip.valid, np.clip(np.rint(win * SCORE_SCALE), 1, SCORE_SCALE), 0).astype(np.uint16)
         probs = np.moveaxis(strip.probs, -1, 0) if self.probs_path else None
         self.write(strip.row_off, strip.col_off, strip.classes, score, probs, strip.valid)
+        if self.on_rows is not None:
+            self.on_rows(strip.row_off, strip.classes, score)
 
     def write(self, row_off: int, col_off: int, classes: np.ndarray, score: np.ndarray,
               probs: np.ndarray | None, valid: np.ndarray) -> None:
@@ -345,6 +356,92 @@ class RasterSinks:
     def close(self) -> None:
         for w in self._writers:
             w.close()
+
+
+class _Stopped(Exception):
+    """The segmentation feeding a LiveRows stopped (its error is raised in the main thread)."""
+
+
+class LiveRows:
+    """The class and score rows of a scene as the blender finishes them, for a polygonizer running
+    beside the model (``polygons.iter_polygons_of``) instead of after it.
+
+    For scenes of one column chunk on their own grid: strips then come full width, top to bottom.
+    ``add`` (the blender's thread) keeps them until both readers have passed them; it waits while
+    more than ``max_rows`` rows are held and the polygonizer is busy (never while it waits for rows,
+    so the two cannot wait on each other). ``stop`` (the main thread, when segmenting fails) makes
+    the polygonizer's next read raise; when the polygonizer fails, ``add`` raises its error, which
+    stops the model. Waits poll every 0.1 s, so a flag set without the lock is seen.
+    """
+
+    def __init__(self, info: SceneInfo, *, max_rows: int = 2048) -> None:
+        self.name, self.height, self.width = str(info.path), info.height, info.width
+        self.crs, self.transform = info.crs, info.transform
+        self.max_rows = max(1, max_rows)
+        self._strips: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self._received = 0
+        self._cursor = [0, 0]  # rows read so far: class ids, scores
+        self._reader_waits = False
+        self._cond = threading.Condition()
+        self.stopped = False  # segmenting failed
+        self.reader_done = False  # the polygonizer finished or failed
+        self.reader_error: BaseException | None = None
+
+    def rows(self):
+        """The :class:`geoseg.polygons.RasterRows` the polygonizer reads."""
+        from pyproj import CRS
+
+        from geoseg.polygons import RasterRows
+
+        return RasterRows(name=self.name, crs=CRS.from_wkt(self.crs.to_wkt()), transform=self.transform,
+                          height=self.height, width=self.width, dtype=np.dtype(np.uint8), nodata=CLASS_NODATA,
+                          block_rows=512, read=lambda r0, r1: self._read(0, r0, r1),
+                          read_score=lambda r0, r1: self._read(1, r0, r1), score_nodata=0)
+
+    def add(self, row_off: int, classes: np.ndarray, score: np.ndarray) -> None:
+        with self._cond:
+            while (self._received - min(self._cursor) >= self.max_rows and not self._reader_waits
+                   and not self.reader_done and not self.stopped):
+                self._cond.wait(0.1)
+            if self.reader_error is not None:
+                raise self.reader_error
+            if self.reader_done or self.stopped:
+                return
+            if row_off != self._received or classes.shape[1] != self.width:
+                raise RuntimeError(f"LiveRows got rows {row_off}+{classes.shape[0]} x {classes.shape[1]} after "
+                                   f"{self._received} rows of {self.width}: strips must come full width, in order")
+            self._strips.append((row_off, classes, score))
+            self._received += classes.shape[0]
+            self._cond.notify_all()
+
+    def _read(self, which: int, r0: int, r1: int) -> np.ndarray:
+        with self._cond:
+            self._reader_waits = True
+            self._cond.notify_all()
+            while self._received < r1 and not self.stopped:
+                self._cond.wait(0.1)
+            self._reader_waits = False
+            if self.stopped:
+                raise _Stopped()
+            parts = [s[1 + which][max(r0 - s[0], 0): r1 - s[0]] for s in self._strips
+                     if s[0] < r1 and s[0] + s[1].shape[0] > r0]
+            self._cursor[which] = max(self._cursor[which], r1)
+            low = min(self._cursor)
+            self._strips = [s for s in self._strips if s[0] + s[1].shape[0] > low]
+            self._cond.notify_all()
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def stop(self) -> None:
+        self.stopped = True  # seen by the reader within 0.1 s even if the lock below is not taken
+        with self._cond:
+            self._cond.notify_all()
+
+    def reader_finished(self, error: BaseException | None = None) -> None:
+        self.reader_error = error
+        self.reader_done = True
+        with self._cond:
+            self._strips = []
+            self._cond.notify_all()
 
 
 def column_chunks(width: int, chunk_width: int, *, block: int = 512) -> list[tuple[int, int]]:
@@ -455,11 +552,12 @@ class Segmentation:
 MAX_UPSAMPLING = 8.0
 
 
-def working_grid(info: SceneInfo, meta, gsd: str = "auto") -> SceneInfo:
+def working_grid(info: SceneInfo, meta, gsd: str = "auto", *, quiet: bool = False) -> SceneInfo:
     """The grid the model runs on: the scene's own, or the scene resampled to the model's GSD.
 
     ``gsd``: ``"auto"`` resamples only when the scene's GSD is outside the range the model was
-    trained on; ``"native"`` never resamples; a number (metres) forces that GSD.
+    trained on; ``"native"`` never resamples; a number (metres) forces that GSD. ``quiet``: do not
+    log the resampling (a caller that only asks).
     """
     if gsd == "native":
         return info
@@ -481,8 +579,9 @@ def working_grid(info: SceneInfo, meta, gsd: str = "auto") -> SceneInfo:
             f"{factor:.0f}x would only invent detail; use a model trained near {info.gsd:.3g} m, "
             f"or pass --gsd native to run it on the scene as it is"
         )
-    log.info("reading %s (%.3g m pixels) resampled to %.3g m, the model's GSD; outputs stay on the scene's grid",
-             Path(info.path).name, info.gsd, target)
+    if not quiet:
+        log.info("reading %s (%.3g m pixels) resampled to %.3g m, the model's GSD; outputs stay on the scene's grid",
+                 Path(info.path).name, info.gsd, target)
     return at_gsd(info, target)
 
 
@@ -537,6 +636,8 @@ def check_options(options: PredictOptions) -> None:
         raise InputError(f"--precision {options.precision!r} is not one of {', '.join(PRECISIONS)}")
     if options.tta not in TTA:
         raise InputError(f"--tta {options.tta!r} is not one of {', '.join(TTA)}")
+    if options.polygonize not in ("live", "after"):
+        raise InputError(f"--polygonize {options.polygonize!r} is not one of live, after")
 
 
 TTA = {
@@ -579,14 +680,20 @@ class _Background:
 
     def __init__(self, fn: Callable, *args: object) -> None:
         self._value: object = None
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
         self._thread.start()
 
     def _run(self, fn: Callable, args: tuple) -> None:
-        self._value = fn(*args)
+        try:
+            self._value = fn(*args)
+        except BaseException as exc:  # raised again by result(), in the caller's thread
+            self._error = exc
 
     def result(self) -> object:
         self._thread.join()
+        if self._error is not None:
+            raise self._error
         return self._value
 
 
@@ -639,6 +746,13 @@ def load_model_for(model: str | os.PathLike | None, options: PredictOptions):
     return load_bundle(resolve_model(None if model is None else str(model)), precision=options.precision)
 
 
+def streams_rows(info: SceneInfo, meta, options: PredictOptions) -> bool:
+    """Whether ``segment`` can hand its strips on as it finishes them (``on_rows``): a scene of one
+    column chunk (``options.chunk_width``) that the model reads on its own grid."""
+    return (len(column_chunks(info.width, options.chunk_width)) == 1
+            and working_grid(info, meta, options.gsd, quiet=True) is info)
+
+
 def segment(
     info: SceneInfo,
     bundle,
@@ -648,16 +762,21 @@ def segment(
     probs: bool = False,
     progress: Progress | None = None,
     timings: dict[str, float] | None = None,
+    on_rows: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
 ) -> Segmentation:
     """Run ``bundle`` over the scene and write class, score (and probability) rasters into ``out_dir``.
 
     The rasters are plain tiled GeoTIFFs on the scene's grid; callers turn them into COGs, polygons
-    or metrics. Memory is bounded by one tile of rows, whatever the scene's size.
+    or metrics. Memory is bounded by one tile of rows, whatever the scene's size. ``on_rows`` also
+    gets every finished strip (:class:`RasterSinks`); only for a scene of one column chunk on its own
+    grid (:func:`streams_rows`), where strips come full width and in order.
     """
     check_options(options)
     meta = bundle.meta
     work = working_grid(info, meta, options.gsd)
     if work is not info:
+        if on_rows is not None:
+            raise ValueError("on_rows needs the scene's own grid (see streams_rows)")
         out_dir = Path(out_dir)
         (out_dir / "work").mkdir(exist_ok=True)
         seg = segment(work, bundle, out_dir / "work", options=dataclasses.replace(options, gsd="native"),
@@ -670,7 +789,9 @@ def segment(
         overlap=meta.overlap if options.overlap is None else options.overlap,
         multiple=meta.size_multiple,
     )
-    sinks = RasterSinks(info, classes=len(meta.classes), scratch=Path(out_dir), probs=probs)
+    if on_rows is not None and len(column_chunks(info.width, options.chunk_width)) > 1:
+        raise ValueError("on_rows needs a scene of one column chunk (see streams_rows)")
+    sinks = RasterSinks(info, classes=len(meta.classes), scratch=Path(out_dir), probs=probs, on_rows=on_rows)
     try:
         tiles = run_model(info, bundle, tile_size=tile_size, overlap=overlap, options=options,
                           sink=sinks, progress=progress, timings=timings)
@@ -741,12 +862,61 @@ def predict(
         gpkg_tmp = staging.output(output)
         raster_tmp = staging.output(raster_out) if raster_out else None
         probs_tmp = staging.output(probs_out) if probs_out else None
-        seg = segment(info, bundle, staging.scratch(output), options=options, probs=probs_out is not None,
-                      progress=progress, timings=timings)
+        kept = [name for i, name in enumerate(class_names) if i not in set(meta.background)]
+
+        how = dict(class_names=class_names, skip=set(meta.background), score_scale=1.0 / SCORE_SCALE,
+                   min_area_m2=min_area, cleanup=cleanup)
+
+        def write_polygons(batches, pixel: float) -> dict:
+            """Write polygons.iter_polygons batches to the GeoPackage; {layer: (count, area)}."""
+            if regularize:
+                batches = polygons.regularize_batches(batches, class_id=building_class(class_names), pixel=pixel)
+            return outputs.write_polygon_stream(
+                gpkg_tmp, batches, class_names=class_names, layers=kept, crs=info.crs,
+                colors={name: tuple(c) for name, c in zip(class_names, colors)},
+                columns={"building": polygons.REGULARIZE_COLUMNS} if regularize else None,
+            )
+
+        # A scene of one column chunk is polygonized beside the model, strip by strip as the blender
+        # finishes them (LiveRows); otherwise from the class raster once the model is done.
+        live = LiveRows(info) if options.polygonize == "live" and streams_rows(info, meta, options) else None
+        live_polygons = None
+        if live is not None:
+            def polygonize_live():
+                error = None
+                try:
+                    return write_polygons(polygons.iter_polygons_of(live.rows(), **how), abs(info.transform.a))
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    live.reader_finished(error)
+
+            live_polygons = _Background(polygonize_live)
+        try:
+            seg = segment(info, bundle, staging.scratch(output), options=options, probs=probs_out is not None,
+                          progress=progress, timings=timings, on_rows=live.add if live else None)
+        except BaseException:
+            if live is not None:
+                live.stop()
+                try:
+                    live_polygons.result()
+                except BaseException:  # noqa: S110 - the segmenting error is the one to report
+                    pass
+            raise
         if own_model:  # polygonizing does not need the model: give its memory back first
             bundle = dataclasses.replace(bundle, model=None)
             _release_keras()
 
+        t0 = time.perf_counter()
+        if live_polygons is not None:
+            totals = live_polygons.result()
+        else:
+            # the outlines' detail is the model's pixel when the scene was read resampled
+            coarser = max(1.0, (seg.work_gsd or info.gsd) / info.gsd)
+            totals = write_polygons(polygons.iter_polygons(seg.class_path, score_path=seg.score_path, **how),
+                                    abs(info.transform.a) * coarser)
+        timings["polygonize"] = round(time.perf_counter() - t0, 3)  # after the model (live: what was left)
         run_meta = {
             "geoseg_version": geoseg.__version__,
             "model_name": meta.name,
@@ -765,28 +935,7 @@ def predict(
             **cleanup.metadata(class_names),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        t0 = time.perf_counter()
-        kept = [name for i, name in enumerate(class_names) if i not in set(meta.background)]
-        batches = polygons.iter_polygons(
-            seg.class_path,
-            class_names=class_names,
-            skip=set(meta.background),
-            score_path=seg.score_path,
-            score_scale=1.0 / SCORE_SCALE,
-            min_area_m2=min_area,
-            cleanup=cleanup,
-        )
-        if regularize:
-            # the outlines' detail is the model's pixel when the scene was read resampled
-            coarser = max(1.0, (seg.work_gsd or info.gsd) / info.gsd)
-            batches = polygons.regularize_batches(batches, class_id=building_class(class_names),
-                                                  pixel=abs(info.transform.a) * coarser)
-        totals = outputs.write_polygon_stream(
-            gpkg_tmp, batches, class_names=class_names, layers=kept, crs=info.crs,
-            colors={name: tuple(c) for name, c in zip(class_names, colors)}, metadata=run_meta,
-            columns={"building": polygons.REGULARIZE_COLUMNS} if regularize else None,
-        )
-        timings["polygonize"] = round(time.perf_counter() - t0, 3)
+        outputs.add_run_metadata(gpkg_tmp, run_meta)
         t0 = time.perf_counter()
         lines = roads.write_centreline_layer(gpkg_tmp, seg.class_path, class_names=class_names,
                                              colors={name: tuple(c) for name, c in zip(class_names, colors)},

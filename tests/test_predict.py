@@ -150,8 +150,9 @@ class Exploding:
         return np.zeros(x.shape[:3] + (4,), np.float32)
 
 
+@pytest.mark.parametrize("polygonize", ["after", "live"])
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), RuntimeError("boom")])
-def test_failure_mid_run_leaves_no_partial_output_and_keeps_earlier_output(tmp_path, exc):
+def test_failure_mid_run_leaves_no_partial_output_and_keeps_earlier_output(tmp_path, exc, polygonize):
     scene = write_raster(tmp_path / "scene.tif", np.ones((1, 80, 80), np.uint8))
     out = tmp_path / "out.gpkg"
     out.write_bytes(b"earlier output")
@@ -159,7 +160,7 @@ def test_failure_mid_run_leaves_no_partial_output_and_keeps_earlier_output(tmp_p
     object.__setattr__(bundle, "model", Exploding(exc))
     with pytest.raises(type(exc)):
         predict(scene, out, raster_out=tmp_path / "c.tif", bundle=bundle, overwrite=True,
-                options=PredictOptions(tile_size=16, overlap=4, batch_size=2))
+                options=PredictOptions(tile_size=16, overlap=4, batch_size=2, polygonize=polygonize))
     assert out.read_bytes() == b"earlier output"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gpkg", "scene.tif"]
 
@@ -291,4 +292,107 @@ def test_an_error_while_blending_in_the_background_reaches_the_caller(tmp_path, 
     scene = write_raster(tmp_path / "s.tif", np.ones((1, 80, 80), np.uint8))
     with pytest.raises(OutputError, match="on purpose"):
         predict(scene, tmp_path / "o.gpkg", bundle=numpy_bundle(), options=PredictOptions(tile_size=32, overlap=8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tif"]
+
+
+# --- polygonizing beside the model (LiveRows) -------------------------------------------------
+
+
+def _layers(path):
+    import shapely
+
+    out = {}
+    for name, geom in pyogrio.list_layers(path):
+        if geom is None:
+            continue
+        df = pyogrio.read_dataframe(path, layer=name)
+        order = np.lexsort((df["area_m2"].round(6), df.geometry.centroid.y.round(6), df.geometry.centroid.x.round(6)))
+        df = df.iloc[order].reset_index(drop=True)
+        out[name] = (shapely.normalize(df.geometry.values), df.drop(columns="geometry"))
+    return out
+
+
+@pytest.mark.parametrize("clean", [{}, {"sieve_m2": 2.0, "max_hole_m2": 3.0, "simplify_m": 0.6}])
+def test_polygons_made_beside_the_model_equal_those_made_from_the_class_raster(tmp_path, monkeypatch, clean):
+    """One column chunk: strips go to the polygonizer as the blender finishes them. Small strips
+    (the polygonizer's and the blender's) and a held-row limit below one strip exercise the
+    hand-over; the result must be what the class raster gives after the model."""
+    from geoseg import polygons, predict as predict_module
+
+    monkeypatch.setattr(polygons, "_STRIP_PIXELS", 131 * 6)
+    monkeypatch.setattr(predict_module.LiveRows.__init__, "__kwdefaults__", {"max_rows": 3})
+    rng = np.random.default_rng(5)
+    labels = blocky_labels(97, 131, 4, rng, block=5)
+    labels[rng.random(labels.shape) < 0.01] = 2  # speckles for the sieve
+    scene = write_raster(tmp_path / "s.tif", labels.astype("uint8")[None])
+    results = {}
+    for cw in (8192, 40):  # 8192: live (one chunk); 40: from the class raster
+        results[cw] = predict(scene, tmp_path / f"{cw}.gpkg", bundle=numpy_bundle(classes=4),
+                              options=PredictOptions(tile_size=32, overlap=8, chunk_width=cw, polygonize="live", **clean))
+    assert predict_module.streams_rows(predict_module.open_scene(scene), numpy_bundle(classes=4).meta,
+                                       PredictOptions(chunk_width=8192))
+    live, after = _layers(tmp_path / "8192.gpkg"), _layers(tmp_path / "40.gpkg")
+    assert live.keys() == after.keys() == {"class1", "class2", "class3"}
+    for name in live:
+        assert len(live[name][0]) == len(after[name][0]) > 0
+        assert all(a.equals_exact(b, 1e-9) for a, b in zip(live[name][0], after[name][0]))
+        pd_testing = pytest.importorskip("pandas.testing")
+        pd_testing.assert_frame_equal(live[name][1], after[name][1])
+    assert results[8192].counts == results[40].counts
+
+
+def test_live_rows_hand_over_every_row_once_without_waiting_on_each_other():
+    import threading
+
+    from geoseg.predict import LiveRows
+
+    h, w = 50, 7
+    info = type("Info", (), {"path": "x", "height": h, "width": w, "crs": None, "transform": None})()
+    live = LiveRows(info, max_rows=2)  # fewer rows than one read asks for
+    cls = np.arange(h * w, dtype=np.int64).reshape(h, w) % 251
+    score = cls.astype(np.uint16) * 3
+
+    def writer():
+        for r in range(0, h, 3):
+            live.add(r, cls[r:r + 3].astype(np.uint8), score[r:r + 3])
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    got_c, got_s, r = [], [], 0
+    while r < h:
+        r1 = min(h, r + 5)
+        got_c.append(live._read(0, r, r1))
+        got_s.append(live._read(1, r, r1))
+        r = r1
+    t.join(timeout=10)
+    assert not t.is_alive()
+    np.testing.assert_array_equal(np.concatenate(got_c), cls.astype(np.uint8))
+    np.testing.assert_array_equal(np.concatenate(got_s), score)
+    assert live._strips == [] or all(s[0] + len(s[1]) > h - 3 for s in live._strips)
+
+
+def test_a_polygonizing_error_stops_the_model_and_reaches_the_caller(tmp_path, monkeypatch):
+    from geoseg import polygons
+
+    calls = []
+
+    class Counting:
+        def predict_on_batch(self, x):
+            calls.append(len(x))
+            return np.zeros(x.shape[:3] + (4,), np.float32)
+
+    def broken(*args, **kwargs):
+        raise OutputError("polygonizing failed on purpose")
+
+    monkeypatch.setattr(polygons, "_STRIP_PIXELS", 64 * 8)
+    monkeypatch.setattr(polygons, "_trace", broken)
+    scene = write_raster(tmp_path / "s.tif", np.ones((1, 2000, 64), np.uint8))
+    bundle = numpy_bundle()
+    object.__setattr__(bundle, "model", Counting())
+    with pytest.raises(OutputError, match="on purpose"):
+        predict(scene, tmp_path / "o.gpkg", raster_out=tmp_path / "c.tif", bundle=bundle,
+                options=PredictOptions(tile_size=32, overlap=8, batch_size=1, polygonize="live"))
+    from geoseg.tiling import plan_tiles
+
+    assert sum(calls) < len(plan_tiles(2000, 64, tile_size=32, overlap=8)) / 2  # the model stopped early
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tif"]

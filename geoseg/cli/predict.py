@@ -27,11 +27,16 @@ from geoseg.cli.options import (
                    "(falls back to the plain outline when that would change it too much).")
 @centerline_options
 @inference_options
+@click.option("--polygonize", type=click.Choice(["after", "live"]), default="after", show_default=True,
+              help="after: polygonize once the model is done; live: polygonize strips beside the model as they "
+                   "are finished (scenes up to 8192 px wide on the model's grid): faster when the model leaves "
+                   "a CPU core free (a GPU, or TF_NUM_INTRAOP_THREADS below the cores), slower when it does not.")
 @overwrite_option
 @json_option
 @click.pass_context
 def predict(ctx: click.Context, scene: str, output: str, model: str | None, raster_out: str | None,
-            probs_out: str | None, min_area_m2: float | None, regularize: bool, overwrite: bool, as_json: bool, **inference) -> None:
+            probs_out: str | None, min_area_m2: float | None, regularize: bool, polygonize: str, overwrite: bool,
+            as_json: bool, **inference) -> None:
     """Segment SCENE and write polygons per class to a GeoPackage.
 
     \b
@@ -43,7 +48,8 @@ def predict(ctx: click.Context, scene: str, output: str, model: str | None, rast
     from geoseg.predict import parse_min_area
 
     centerlines, line_options = pop_centerline_options(inference)
-    options = pop_predict_options(inference, min_area_m2=parse_min_area(min_area_m2), **pop_cleanup_options(inference))
+    options = pop_predict_options(inference, min_area_m2=parse_min_area(min_area_m2), polygonize=polygonize,
+                                  **pop_cleanup_options(inference))
     with StageBars("predict", quiet=bool(ctx.obj.get("quiet"))) as progress:
         result = run(scene, output, model=model, raster_out=raster_out, probs_out=probs_out,
                      options=options, overwrite=overwrite, progress=progress, regularize=regularize,
