@@ -66,6 +66,8 @@ def seed_files(folder: Path) -> list[bytes]:
 def mutate(blob: bytes, rng: np.random.Generator) -> bytes:
     """One of: flip random bytes, overwrite a run with a magic value, truncate, duplicate a slice."""
     data = bytearray(blob)
+    if not data:  # truncated to nothing by an earlier round: nothing left to mutate
+        return blob
     kind = rng.integers(0, 5)
     if kind == 0:  # a few random bytes anywhere
         for _ in range(int(rng.integers(1, 9))):
