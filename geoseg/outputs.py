@@ -699,10 +699,10 @@ def write_line_layer(
                 ("", name, column, name, layer_qml(class_name=class_name, color=color, geometry="line"), "", 1,
                  f"geoseg default style for {name}"),
             )
-            db.executemany(f"INSERT OR REPLACE INTO {RUN_TABLE} (key, value) VALUES (?, ?)",
-                           [(str(k), str(v)) for k, v in (metadata or {}).items()])
     except (OSError, sqlite3.Error, pyogrio.errors.DataSourceError) as exc:
         raise OutputError(f"writing layer {name} to {path} failed: {exc}; check free disk space") from exc
+    if metadata:
+        add_run_metadata(path, metadata)
 
 
 def add_run_metadata(path: str | os.PathLike, metadata: Mapping[str, str]) -> None:

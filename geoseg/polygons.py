@@ -32,8 +32,8 @@ from pyproj.crs import ProjectedCRS
 from pyproj.crs.coordinate_operation import LambertCylindricalEqualAreaConversion
 from rasterio.windows import Window
 
-from geoseg.cleanup import Cleanup, clean_strips, simplify_coverage
 from geoseg import memory
+from geoseg.cleanup import Cleanup, clean_strips, simplify_coverage
 from geoseg.errors import InputError
 
 if TYPE_CHECKING:

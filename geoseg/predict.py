@@ -773,10 +773,10 @@ def segment(
     """
     check_options(options)
     meta = bundle.meta
+    if on_rows is not None and not streams_rows(info, meta, options):
+        raise ValueError("on_rows needs a scene of one column chunk on its own grid (see streams_rows)")
     work = working_grid(info, meta, options.gsd)
     if work is not info:
-        if on_rows is not None:
-            raise ValueError("on_rows needs the scene's own grid (see streams_rows)")
         out_dir = Path(out_dir)
         (out_dir / "work").mkdir(exist_ok=True)
         seg = segment(work, bundle, out_dir / "work", options=dataclasses.replace(options, gsd="native"),
@@ -789,8 +789,6 @@ def segment(
         overlap=meta.overlap if options.overlap is None else options.overlap,
         multiple=meta.size_multiple,
     )
-    if on_rows is not None and len(column_chunks(info.width, options.chunk_width)) > 1:
-        raise ValueError("on_rows needs a scene of one column chunk (see streams_rows)")
     sinks = RasterSinks(info, classes=len(meta.classes), scratch=Path(out_dir), probs=probs, on_rows=on_rows)
     try:
         tiles = run_model(info, bundle, tile_size=tile_size, overlap=overlap, options=options,
