@@ -190,6 +190,7 @@ class TrainConfig:
     description: str = ""
     max_minutes: float | None = None  # stop after the epoch that would overrun this wall-clock budget
     datasets: tuple[Dataset, ...] = ()  # more labelled scenes, each with its own label conventions
+    init_from: str | None = None  # a bundle to fine-tune: its weights, normalisation and (by default) GSD
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -328,7 +329,7 @@ def parse_loss(spec: str) -> tuple[tuple[float, str], ...]:
 
 
 #: Config keys that are paths (relative to the config file's folder).
-_PATH_KEYS = ("images", "labels", "val_images", "val_labels", "output")
+_PATH_KEYS = ("images", "labels", "val_images", "val_labels", "output", "init_from")
 _LIST_KEYS = ("images", "labels", "val_images", "val_labels", "classes", "class_weights", "bands", "sample_weights",
               "labelled_classes")
 
@@ -364,7 +365,9 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         if key not in flat:
             continue
         value = flat[key]
-        if key == "output":
+        if key == "init_from" and not str(value).endswith(".keras"):
+            continue  # a built-in model's name
+        if key in ("output", "init_from"):
             flat[key] = str(base / value) if not Path(value).is_absolute() else value
         else:
             values = [value] if isinstance(value, str) else list(value)
@@ -940,6 +943,41 @@ def _build(cfg: TrainConfig, bands: int, classes: int, mean: Sequence[float], st
         keras.config.set_dtype_policy(previous)
 
 
+def _starting_bundle(cfg: TrainConfig, class_names: Sequence[str]):
+    """The metadata of ``cfg.init_from`` (None without it), checked against the run's architecture
+    and classes before any data is read. InputError says what differs and how to match it."""
+    if not cfg.init_from:
+        return None
+    from geoseg.errors import BundleError
+    from geoseg.models import read_meta, resolve_model
+
+    try:
+        path = resolve_model(cfg.init_from)
+    except BundleError:
+        raise InputError(f"--init-from {cfg.init_from}: no such model file nor built-in model; give a .keras bundle "
+                         f"written by geoseg train or a name that `geoseg models` lists") from None
+    meta = read_meta(path)
+    wanted = {"arch": cfg.arch, "width": cfg.width, "depth": cfg.depth}
+    has = {"arch": meta.architecture, "width": meta.arch_config.get("width"), "depth": meta.arch_config.get("depth")}
+    differ = [f"--{k} {has[k]} (not {wanted[k]})" for k in wanted if has[k] != wanted[k]]
+    if tuple(meta.class_names) != tuple(class_names):
+        differ.append(f"--classes {','.join(meta.class_names)} (not {','.join(class_names)})")
+    if differ:
+        raise InputError(f"--init-from {path.name} is a different model; fine-tuning it needs {', '.join(differ)}")
+    return meta
+
+
+def _load_start_weights(model, cfg: TrainConfig) -> None:
+    """Give ``model`` the weights of the ``--init-from`` bundle (same architecture, checked)."""
+    from geoseg.models import load_bundle, resolve_model
+
+    weights = load_bundle(resolve_model(cfg.init_from)).model.get_weights()
+    if [w.shape for w in weights] != [tuple(v.shape) for v in model.weights]:
+        raise InputError(f"--init-from {Path(cfg.init_from).name}: its weights do not fit a {cfg.arch} of width "
+                         f"{cfg.width} and depth {cfg.depth}; it was written by another version of geoseg")
+    model.set_weights(weights)
+
+
 def _arch_config(cfg: TrainConfig, bands: int, classes: int) -> dict[str, Any]:
     return {"bands": bands, "classes": classes, "width": cfg.width, "depth": cfg.depth}
 
@@ -1092,6 +1130,7 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
     class_weights = parse_class_weights(cfg.class_weights, nclasses)
     chip = cfg.chip_size
     stride = cfg.chip_stride or max(multiple, chip // 2)
+    start = _starting_bundle(cfg, class_names)
 
     # --- data -------------------------------------------------------------------------------------
     from geoseg.scene import open_scene
@@ -1099,7 +1138,7 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
     from geoseg.targets import TargetSets
 
     sources, val_sources, weighting = _sources(cfg)
-    gsd = cfg.gsd or open_scene(sources[0][0], bands=cfg.bands).gsd
+    gsd = cfg.gsd or (start.gsd if start else open_scene(sources[0][0], bands=cfg.bands).gsd)
     targets = TargetSets(class_names)
 
     def load(image: str, labels: str, d: Dataset) -> SceneData:
@@ -1119,6 +1158,10 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
         if len(s.band_names) != len(band_names):
             raise InputError(f"{s.name} has {len(s.band_names)} bands but {scenes[0].name} has {len(band_names)}; "
                              f"give images with the same bands (or pick them with --bands)")
+    if start and len(start.bands) != len(band_names):
+        raise InputError(f"--init-from {Path(cfg.init_from).name} takes {len(start.bands)} band(s) "
+                         f"({', '.join(start.bands)}) but the training images have {len(band_names)}; "
+                         f"pick matching ones with --bands")
     train_rects: list[Rect] = []
     val_rects: list[Rect] = []
     if val_scenes:
@@ -1158,6 +1201,8 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
     val_pixels = int(sum((y != IGNORE).sum() for _, y in val_batches))
 
     mean, std, lo, hi = _stats(all_scenes, train_rects)
+    if start:  # the weights were learnt on inputs normalised with the starting model's statistics
+        mean, std = np.asarray(start.mean), np.asarray(start.std)
     steps = cfg.steps_per_epoch or max(1, len(windows) // cfg.batch_size)
     scene_weights = _scene_weights(weighting, windows, len(scenes))
     sampler = ChipSampler(all_scenes, train_rects, windows, chip=chip, stride=stride, augment=cfg.augment, lo=lo, hi=hi,
@@ -1173,6 +1218,9 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
 
     keras.utils.set_random_seed(cfg.seed)
     model = _build(cfg, len(band_names), nclasses, mean, std, cfg.precision)
+    if start and state is None:
+        _load_start_weights(model, cfg)
+        log.info("starting from the weights of %s (%s)", Path(cfg.init_from).name, start.name)
     total_steps = cfg.epochs * steps
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(500, total_steps // 20)
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -1262,6 +1310,8 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
     description = cfg.description or (
         f"{cfg.arch} (width {cfg.width}, depth {cfg.depth}) trained by geoseg on {len(scenes)} scene(s) at {gsd:.3g} m "
         f"(scale jitter x{jitter:g})")
+    if start:
+        description = f"{description.strip().rstrip('.')}; fine-tuned from {start.name} ({Path(cfg.init_from).name})"
     score_text = f"; validation IoU {', '.join(f'{n} {v:.3f}' for n, v in zip(class_names, best_iou) if math.isfinite(v))} at epoch {best_epoch}" \
         if val_batches else ""
     meta = BundleMeta(

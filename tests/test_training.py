@@ -4,6 +4,7 @@ learns, bundles that load and predict, the CSV log, resume, config files and one
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -171,6 +172,48 @@ def test_resume_continues_from_the_saved_epoch_and_matches_an_uninterrupted_run(
         np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
     with pytest.raises(InputError, match="no saved state"):
         train(cfg, out, resume=True)
+
+
+def test_init_from_fine_tunes_a_bundle_from_its_weights_and_normalisation(trained, data, tmp_path):
+    start, result, _ = trained
+    _, scenes = data
+    from geoseg.models import load_bundle
+
+    # one step at a learning rate too small to learn anything: the score is the starting model's
+    cfg = TrainConfig(images=[str(scenes[1][0])], labels=[str(scenes[1][1])], val_images=[str(scenes[0][0])],
+                      val_labels=[str(scenes[0][1])], epochs=1, steps_per_epoch=1, warmup_steps=0,
+                      **{**TINY, "lr": 1e-9}, init_from=str(start))
+    tuned = train(cfg, tmp_path / "tuned.keras")
+    assert tuned.val_iou["building"] > 0.6
+    scratch = train(dataclasses.replace(cfg, init_from=None), tmp_path / "scratch.keras")
+    assert scratch.val_iou["building"] < 0.4
+    a, b = load_bundle(start), load_bundle(tmp_path / "tuned.keras")
+    assert b.meta.mean == a.meta.mean and b.meta.std == a.meta.std  # not this run's (other scene) statistics
+    assert b.meta.gsd == a.meta.gsd and "fine-tuned from tiny (tiny.keras)" in b.meta.description
+    for wa, wb in zip(a.model.trainable_weights, b.model.trainable_weights):  # batch-norm statistics move
+        np.testing.assert_allclose(np.asarray(wa), np.asarray(wb), atol=1e-6)
+
+    out = tmp_path / "m.keras"
+    common = ("train", "--images", scenes[1][0], "--labels", scenes[1][1], "-o", out, "--chip-size", 32, "--init-from")
+    assert_one_line_error(invoke(*common, start, "--width", 16, "--depth", 2), "--width 8 (not 16)")
+    assert_one_line_error(invoke(*common, start, "--width", 8, "--depth", 2, "--classes", "background,road"),
+                          "--classes background,building (not background,road)")
+    assert_one_line_error(invoke(*common, tmp_path / "nothing.keras"), "--init-from", "no such model")
+    assert_one_line_error(invoke(*common, start, "--width", 8, "--depth", 2, "--bands", "1,2"), "3 band(s)", "--bands")
+    assert not out.exists()
+
+
+def test_init_from_takes_a_built_in_name_in_a_config_and_on_the_command_line(tmp_path):
+    from geoseg.training import _starting_bundle
+
+    (tmp_path / "a.toml").write_text('init_from = "buildings"\n')
+    (tmp_path / "b.toml").write_text('init_from = "models/b.keras"\n')
+    assert read_config(tmp_path / "a.toml")["init_from"] == "buildings"  # a name, not a path beside the config
+    assert read_config(tmp_path / "b.toml")["init_from"] == str(tmp_path / "models" / "b.keras")
+    cfg = TrainConfig(images=["a.tif"], labels=["a.gpkg"], init_from="buildings")
+    assert _starting_bundle(cfg, ["background", "building"]).name == "buildings"
+    with pytest.raises(InputError, match="--classes background,building"):
+        _starting_bundle(cfg, ["background", "building", "road"])
 
 
 # --- splitting by area ---------------------------------------------------------------------------

@@ -119,6 +119,10 @@ def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
 @click.option("--description", default="", help="Description stored in the bundle (data, licences).")
 @click.option("--max-minutes", type=float, default=None,
               help="Stop after the epoch that would pass this wall-clock budget.")
+@click.option("--init-from", type=click.Path(dir_okay=False), default=None, metavar="MODEL.keras",
+              help="Fine-tune this bundle (e.g. geoseg's built-in buildings.keras): start from its weights and "
+                   "normalisation, at its GSD unless --gsd is given. Architecture, width, depth, classes and band "
+                   "count must match it.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from the state beside -o.")
 @overwrite_option
 @json_option
@@ -130,6 +134,7 @@ def train(ctx: click.Context, config_path: str | None, **opts: Any) -> None:
     geoseg train --images a.tif b.tif --labels a.gpkg b.gpkg -o buildings.keras
     geoseg train --config configs/buildings.toml --precision mixed_bfloat16
     geoseg train --config configs/buildings.toml --resume
+    geoseg train --images my.tif --labels my.gpkg --init-from buildings -o my_buildings.keras
     """
     from geoseg.training import Augment, TrainConfig, read_config
     from geoseg.training import train as run
