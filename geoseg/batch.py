@@ -201,6 +201,7 @@ def load_manifest(path: str | os.PathLike, *, output: str | os.PathLike | None =
 
 def predict_options(table: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     """PredictOptions and the predict() keywords (regularize) from a manifest's ``[predict]`` table."""
+    from geoseg.cleanup import parse_per_class
     from geoseg.predict import PredictOptions, check_options, parse_min_area
 
     fields = {f.name for f in dataclasses.fields(PredictOptions)}
@@ -214,6 +215,10 @@ def predict_options(table: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     if unknown:
         raise InputError(f"[predict] option {sorted(unknown)[0]!r} is unknown; the options are "
                          f"{', '.join(sorted(fields - {'min_area_m2'} | {'min_area', 'regularize'}))}")
+    if isinstance(kw.get("threshold"), str):
+        kw["threshold"] = parse_per_class(kw["threshold"], "[predict] threshold", "P")
+    elif isinstance(kw.get("threshold"), Mapping):
+        kw["threshold"] = {str(k): float(v) for k, v in kw["threshold"].items()}
     if kw.get("bands") is not None:
         kw["bands"] = tuple(int(b) for b in kw["bands"])
     if "gsd" in kw:

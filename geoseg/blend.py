@@ -16,7 +16,7 @@ Windows (``weight_window``):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +70,36 @@ def argmax_classes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return index, best
 
 
+def decision_bias(thresholds: Sequence[float]) -> np.ndarray | None:
+    """Per-class offsets added to the logits before the argmax, from per-class decision thresholds
+    (None when every threshold is 0.5: the plain most-probable class).
+
+    Class c gets ``log((1 - t_c) / t_c)``: it then wins against another class k wherever
+    ``p_c / p_k >= t_c / (1 - t_c)`` (both at 0.5 otherwise). With two classes that is exactly
+    ``p_c >= t_c``. The probabilities written out are not changed, only the class taken.
+    """
+    t = np.asarray(thresholds, dtype=np.float64)
+    if np.all(t == 0.5):
+        return None
+    return np.log((1 - t) / t).astype(np.float32)
+
+
+def resolve_thresholds(given: float | Mapping[str, float] | None, defaults: Mapping[str, float],
+                       background: Sequence[str] = ()) -> dict[str, float]:
+    """Decision threshold per class: ``defaults`` (the model's), replaced by ``given``: some classes by
+    name, or one number for every class but the ``background`` ones (``--threshold 0.3`` on a
+    buildings model means building=0.3). InputError for unknown classes or values outside (0, 1)."""
+    from geoseg.cleanup import per_class
+
+    if given is not None and not isinstance(given, Mapping):
+        given = {name: given for name in defaults if name not in background}
+    values = per_class(given, defaults, "--threshold", "probability")
+    for name, value in values.items():
+        if not 0 < value < 1:
+            raise InputError(f"--threshold {name}={value:g}: give a probability between 0 and 1, e.g. {name}=0.3")
+    return values
+
+
 def softmax_classes(z: np.ndarray, zmax: np.ndarray) -> np.ndarray:
     """Softmax over the last axis of ``z`` (modified in place), given its maximum ``zmax``."""
     z -= zmax[..., None]
@@ -117,11 +147,13 @@ class StripAccumulator:
         nodata: int = 255,
         flush_rows: int = 64,
         col_off: int = 0,
+        bias: np.ndarray | None = None,
     ) -> None:
         if classes > 255 or nodata < classes:
             raise InputError(f"{classes} classes do not fit a uint8 class raster with nodata {nodata}")
         self.height, self.width, self.classes = height, width, classes
         self.col_off = col_off
+        self.bias = bias  # decision_bias(): per-class logit offsets for the class taken, or None
         self.rows = min(tile_size, height)
         self.window = window
         self.sink = sink
@@ -165,6 +197,8 @@ class StripAccumulator:
                 covered = valid & (wsum > 0)
                 z = acc / np.where(wsum > 0, wsum, 1)[..., None]
                 classes, zmax = argmax_classes(z)  # the weight sum does not change the argmax
+                if self.bias is not None:
+                    classes = argmax_classes(z + self.bias)[0]
                 probs = softmax_classes(z, zmax)
                 classes[~covered] = self.nodata
                 probs[~covered] = 0

@@ -44,6 +44,7 @@ from rasterio.windows import Window
 
 import geoseg
 from geoseg.atomic import Staging, check_output
+from geoseg.blend import decision_bias
 from geoseg.errors import InputError
 from geoseg.predict import PredictOptions
 
@@ -131,6 +132,9 @@ class DateInput:
     colors: tuple[tuple[int, int, int], ...] | None = None
     read_path: str | None = None  # the raster compared: the file, or a scene's segmented probabilities
     read_kind: str | None = None  # "classes" or "probs"
+    # probabilities only: the decision threshold per class (the model's or --threshold, as predict
+    # took them; a probabilities raster's ``threshold`` tag); None: the most probable class
+    thresholds: tuple[float, ...] | None = None
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:
@@ -150,6 +154,7 @@ def detect_input(path: str | os.PathLike, role: str, *, classes: Sequence[str] |
         floats = all(np.dtype(t).kind == "f" for t in ds.dtypes)
         integer = ds.count == 1 and np.dtype(ds.dtypes[0]).kind in "iu"
         tagged = bool(ds.tags().get("class_names"))
+        threshold_tag = ds.tags().get("threshold")
         if ds.count >= 2 and floats and all(d.startswith("p_") and len(d) > 2 for d in descriptions):
             kind, names, colors = "probs", tuple(d[2:] for d in descriptions), None
         elif integer and tagged:
@@ -177,10 +182,16 @@ def detect_input(path: str | os.PathLike, role: str, *, classes: Sequence[str] |
     if kind == "classes":  # a class_names tag wins: --classes names untagged rasters only
         names, colors = raster_classes(path, None if tagged else classes)
         names, colors = tuple(names), tuple(tuple(c) for c in colors)
+    thresholds = None
+    if kind == "probs" and threshold_tag:  # written by predict --probs-out: decide classes as it did
+        from geoseg.cleanup import parse_tagged
+
+        tagged_thresholds = parse_tagged(threshold_tag)
+        thresholds = tuple(float(tagged_thresholds.get(name, 0.5)) for name in names)
     log.info("%s %s: a %s raster from an earlier run (%s)", role, Path(path).name,
              "class" if kind == "classes" else "probabilities", ", ".join(names))
     return DateInput(role, str(path), kind, crs, transform, width, height, names, colors,
-                     read_path=str(path), read_kind=kind)
+                     read_path=str(path), read_kind=kind, thresholds=thresholds)
 
 
 _KIND_WORDS = {"scene": "the model's", "classes": "a class raster", "probs": "a probabilities raster"}
@@ -401,6 +412,9 @@ class Aligned:
         self.date, self.grid = date, grid
         self.n = len(date.class_names)
         self.probs = date.read_kind == "probs"
+        bias = decision_bias(date.thresholds) if self.probs and date.thresholds else None
+        # argmax(p * w) == argmax(log p + bias): the class predict takes from the same probabilities
+        self.weights = None if bias is None else np.exp(bias)[:, None, None]
         self._src = rasterio.open(date.read_path)
         vrt_grid = dict(crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height)
         if self.probs:
@@ -428,7 +442,8 @@ class Aligned:
                 # that are mostly made of valid ones
                 valid = total >= 0.5
                 p /= np.where(valid, total, 1)[None]
-                return np.argmax(p, 0).astype(np.int16), valid, p
+                decide = p if self.weights is None else p * self.weights
+                return np.argmax(decide, 0).astype(np.int16), valid, p
             v = self._vrt.read(1, window=window)
         except RasterioError as exc:
             raise InputError(f"{self.date.role} {self.date.path}: reading failed ({str(exc).splitlines()[0]}); "
@@ -486,7 +501,8 @@ def change(
     """
     from geoseg import outputs, polygons
     from geoseg.models.bundle import read_meta, resolve_model
-    from geoseg.predict import _Background, _release_keras, _sha256_or_blank, check_options, load_model_for, segment
+    from geoseg.predict import (_Background, _release_keras, _sha256_or_blank, check_options, load_model_for, segment,
+                                thresholds)
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -504,6 +520,7 @@ def change(
     if scenes:
         check_options(predict_options)
         meta = bundle.meta if bundle is not None else read_meta(resolve_model(None if model is None else str(model)))
+        thresholds(predict_options, meta)  # a bad --threshold fails before any work
         dates = [replace(d, class_names=tuple(meta.class_names), colors=tuple(tuple(c) for c in meta.colors))
                  if d.kind == "scene" else d for d in dates]
     elif model is not None or bundle is not None:
@@ -550,7 +567,8 @@ def change(
                 stage = d.role.lower()
                 seg = segment(info, bundle, folder, options=predict_options, probs=True,
                               progress=(lambda done, total, s=stage: progress(s, done, total)) if progress else None)
-                dates[i] = replace(d, read_path=str(seg.probs_path), read_kind="probs")
+                dates[i] = replace(d, read_path=str(seg.probs_path), read_kind="probs",
+                                   thresholds=tuple(thresholds(predict_options, meta).values()))
             timings["segment"] = round(time.perf_counter() - t0, 3)
             model_info = {"name": meta.name, "sha256": bundle.sha256, "path": str(bundle.path)}
             if own_model:  # the rest does not need the model: give its memory back

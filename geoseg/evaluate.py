@@ -734,7 +734,7 @@ def evaluate(
     object matching, as in ``geoseg predict``.
     """
     from geoseg.models.bundle import load_bundle, read_meta, resolve_model
-    from geoseg.predict import check_options, min_areas, segment
+    from geoseg.predict import check_options, min_areas, segment, thresholds
     from geoseg.scene import open_scene
 
     t_start = time.perf_counter()
@@ -750,6 +750,7 @@ def evaluate(
         meta = bundle.meta
     class_names = list(meta.class_names)
     min_area = min_areas(options, meta)
+    thresholds(options, meta)  # a bad --threshold fails before the model loads
     from geoseg.centrelines import road_class
 
     if road_buffer_m is not None and not (math.isfinite(road_buffer_m) and road_buffer_m >= 0):

@@ -29,7 +29,7 @@ from rasterio.windows import Window
 
 import geoseg
 from geoseg.atomic import Staging, check_output
-from geoseg.blend import StripAccumulator, Strip, weight_window
+from geoseg.blend import StripAccumulator, Strip, decision_bias, resolve_thresholds, weight_window
 from geoseg.errors import InputError
 from geoseg.scene import SceneInfo, SceneReader, at_gsd, open_scene
 from geoseg.tiling import Tile, check_tiling, plan_tiles
@@ -58,6 +58,8 @@ class PredictOptions:
     gsd: str = "auto"  # "auto": resample when outside the model's GSD range; "native"; or metres
     stretch: str = "auto"  # "auto": match value ranges when the scene's dtype differs from the model's; "none"
     tta: str = "none"  # test-time augmentation: "none", "flips" (4 passes) or "d4" (8 passes)
+    # decision threshold: one value, or {class: probability} over the model's per-class thresholds
+    threshold: float | Mapping[str, float] | None = None
     # clean-up (geoseg.cleanup): one value, or {class: value} over the model's per-class defaults
     sieve_m2: float | Mapping[str, float] | None = None
     max_hole_m2: float | Mapping[str, float] | None = None
@@ -492,7 +494,7 @@ def run_model(
     for (a, b), chunk_tiles in zip(chunks, per_chunk):
         acc = StripAccumulator(
             height=info.height, width=b - a, col_off=a, classes=len(meta.classes), tile_size=tile_size,
-            window=window, sink=sink, nodata=CLASS_NODATA,
+            window=window, sink=sink, nodata=CLASS_NODATA, bias=decision_bias(list(thresholds(options, meta).values())),
         )
         chunk_skipped: list[int] = []
         gen = iter_batches(info, chunk_tiles, batch_size=options.batch_size, fill=fill, repeat=repeat,
@@ -722,6 +724,13 @@ def min_areas(options: PredictOptions, meta) -> dict[str, float]:
     return per_class(options.min_area_m2, {c.name: c.min_area_m2 for c in meta.classes}, "--min-area")
 
 
+def thresholds(options: PredictOptions, meta) -> dict[str, float]:
+    """Decision threshold per class: the model's values, replaced by ``--threshold`` (one number for
+    every class, or some classes by name). InputError for unknown class names or values outside (0, 1)."""
+    return resolve_thresholds(options.threshold, {c.name: c.threshold for c in meta.classes},
+                              [meta.class_names[i] for i in meta.background])
+
+
 def cleanup_for(options: PredictOptions, meta):
     """The clean-up of the polygons (``geoseg.cleanup.Cleanup``): the model's per-class defaults,
     replaced by ``--sieve``, ``--max-hole`` and ``--simplify`` (one value for every class, or some
@@ -848,6 +857,7 @@ def predict(
     colors = list(meta.colors)
     min_area = min_areas(options, meta)
     cleanup = cleanup_for(options, meta)
+    thresholds(options, meta)  # a bad --threshold fails before the model runs
     if regularize:
         building_class(class_names)  # fail before the model runs
     line_options = centerline_options or roads.CentrelineOptions()
@@ -928,6 +938,7 @@ def predict(
             "blend": options.blend,
             "precision": options.precision,
             "tta": options.tta,
+            "threshold": ",".join(f"{k}={v:g}" for k, v in thresholds(options, meta).items()),
             "regularize": str(regularize).lower(),
             "min_area_m2": ",".join(f"{k}={v:g}" for k, v in min_area.items()),
             **cleanup.metadata(class_names),

@@ -191,6 +191,7 @@ class TrainConfig:
     max_minutes: float | None = None  # stop after the epoch that would overrun this wall-clock budget
     datasets: tuple[Dataset, ...] = ()  # more labelled scenes, each with its own label conventions
     init_from: str | None = None  # a bundle to fine-tune: its weights, normalisation and (by default) GSD
+    threshold: str | None = None  # decision thresholds stored in the bundle: "building=0.3" (predict --threshold)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -261,6 +262,18 @@ Progress = Callable[[TrainEvent], None]
 
 
 _HEX = re.compile(r"^#?([0-9a-fA-F]{6})$")
+
+
+def with_thresholds(class_infos, spec: str | None):
+    """``class_infos`` with the decision thresholds of ``spec`` ("building=0.3"; see ``--threshold``)."""
+    from geoseg.blend import resolve_thresholds
+    from geoseg.cleanup import parse_per_class
+
+    if not spec:
+        return class_infos
+    values = resolve_thresholds(parse_per_class(str(spec), "--threshold", "P"),
+                                {c.name: c.threshold for c in class_infos}, [class_infos[0].name])  # background: id 0
+    return [dataclasses.replace(c, threshold=values[c.name]) for c in class_infos]
 
 
 def parse_classes(spec: str | Sequence[str]):
@@ -1124,7 +1137,7 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
 
     multiple = size_multiple(cfg.depth) if isinstance(cfg.depth, int) and not isinstance(cfg.depth, bool) and cfg.depth >= 0 else 1
     _check_config(cfg, multiple)
-    class_infos = parse_classes(cfg.classes)
+    class_infos = with_thresholds(parse_classes(cfg.classes), cfg.threshold)
     class_names = [c.name for c in class_infos]
     nclasses = len(class_infos)
     class_weights = parse_class_weights(cfg.class_weights, nclasses)

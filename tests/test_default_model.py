@@ -42,4 +42,4 @@ def test_held_back_kampala_block_still_scores():
                                       str(base / "kampala_ug_block1_z21_buildings.gpkg"), "--json"])
     assert result.exit_code == 0, result.output
     scores = json.loads(result.stdout)["classes"]
-    assert scores["building"]["iou"] > 0.6  # 0.654 when the model was trained (docs/models/buildings.md)
+    assert scores["building"]["iou"] > 0.65  # 0.695 when the model was trained (docs/models/buildings.md)

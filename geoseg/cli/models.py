@@ -23,6 +23,7 @@ def models(as_json: bool) -> None:
     for e in entries:
         gsd = e.get("gsd")
         gsd_text = f"{gsd:.3g} m" if gsd else "any GSD"
+        thresholds = "".join(f"; threshold {k}={v:g}" for k, v in e["thresholds"].items())
         click.echo(f"{e['name']}{' (default)' if e.get('default') else ''}: "
-                   f"{', '.join(e['classes'])}; bands {', '.join(e['bands'])}; {gsd_text}; "
+                   f"{', '.join(e['classes'])}{thresholds}; bands {', '.join(e['bands'])}; {gsd_text}; "
                    f"{e['architecture']}; sha256 {e['sha256'][:12]}")

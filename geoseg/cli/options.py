@@ -100,6 +100,12 @@ _INFERENCE = [
     click.option("--tta", type=click.Choice(["none", "flips", "d4"]), default="none", show_default=True,
                  help="Test-time augmentation: average the logits of flipped (4 passes) or flipped and "
                       "turned (d4, 8 passes) tiles; costs that many times the model time."),
+    click.option("--threshold", default=None, metavar="P|CLASS=P,...",
+                 help="Decision threshold, one value for every class but background or per class: with two "
+                      "classes a pixel is building where its probability is at least P (0.3 finds more, 0.7 "
+                      "fewer); with more, the class wins against another where its probability is at least "
+                      "P/(1-P) times the other's. Default: the model's (`geoseg models`), else 0.5, the most "
+                      "probable class. The probabilities written are unchanged."),
 ]
 _INFERENCE_KEYS = ("tile_size", "overlap", "batch_size", "blend", "precision", "gsd", "stretch", "bands", "assume_crs",
                    "tta")
@@ -114,9 +120,11 @@ def inference_options(f: Callable) -> Callable:
 
 def pop_predict_options(kwargs: dict[str, Any], **extra: Any) -> Any:
     """Take the ``inference_options`` out of a command's keyword arguments as PredictOptions."""
+    from geoseg.cleanup import parse_per_class
     from geoseg.predict import PredictOptions
 
-    return PredictOptions(**{k: kwargs.pop(k) for k in _INFERENCE_KEYS}, **extra)
+    threshold = parse_per_class(kwargs.pop("threshold"), "--threshold", "P")
+    return PredictOptions(**{k: kwargs.pop(k) for k in _INFERENCE_KEYS}, threshold=threshold, **extra)
 
 
 _CENTERLINES = [

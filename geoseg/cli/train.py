@@ -123,6 +123,10 @@ def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
               help="Fine-tune this bundle (e.g. geoseg's built-in buildings.keras): start from its weights and "
                    "normalisation, at its GSD unless --gsd is given. Architecture, width, depth, classes and band "
                    "count must match it.")
+@click.option("--threshold", default=None, metavar="P|CLASS=P,...",
+              help="Decision threshold stored in the bundle as predict's default (see predict --threshold): one "
+                   "value for every class but background, or per class, e.g. building=0.3 when the model is too "
+                   "cautious. Default: 0.5.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from the state beside -o.")
 @overwrite_option
 @json_option

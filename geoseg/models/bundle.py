@@ -99,7 +99,9 @@ class ClassInfo:
     of its polygons: minimum polygon area in square metres (smaller polygons are dropped when
     vectorising), regions below ``sieve_m2`` merged into their neighbours and holes below
     ``max_hole_m2`` filled before polygonizing, edges simplified with a tolerance of ``simplify_m``
-    metres (0: off)."""
+    metres (0: off). ``threshold`` is the class's decision threshold (``geoseg.blend.decision_bias``):
+    with two classes a pixel takes this class where its probability is at least ``threshold``; 0.5 is
+    the plain most-probable class."""
 
     name: str
     color: tuple[int, int, int]
@@ -107,6 +109,7 @@ class ClassInfo:
     sieve_m2: float = 0.0
     max_hole_m2: float = 0.0
     simplify_m: float = 0.0
+    threshold: float = 0.5
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -125,10 +128,16 @@ class ClassInfo:
             if value < 0:
                 raise _fail(f"{key} of class {self.name!r} must be >= 0, got {value}")
             object.__setattr__(self, key, value)
+        threshold = _as_float(f"threshold of class {self.name!r}", self.threshold)
+        if not 0 < threshold < 1:
+            raise _fail(f"threshold of class {self.name!r} must be between 0 and 1 (exclusive), got {threshold}")
+        object.__setattr__(self, "threshold", threshold)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"name": self.name, "color": list(self.color), "min_area_m2": self.min_area_m2}
         d.update({k: getattr(self, k) for k in CLEANUP_FIELDS if getattr(self, k)})
+        if self.threshold != 0.5:  # written only when set, like the clean-up fields
+            d["threshold"] = self.threshold
         return d
 
     @classmethod
@@ -564,6 +573,7 @@ def list_builtin() -> list[dict[str, Any]]:
                 "path": str(path),
                 "sha256": file_sha256(path),
                 "classes": list(meta.class_names),
+                "thresholds": {c.name: c.threshold for c in meta.classes if c.threshold != 0.5},
                 "bands": list(meta.bands),
                 "gsd": meta.gsd,
                 "gsd_range": list(meta.gsd_range) if meta.gsd_range else None,

@@ -1,0 +1,108 @@
+"""Choose the building decision threshold of a buildings model on its validation scenes.
+
+    python configs/tune_threshold.py [--model PATH] [--write OUT.keras]
+
+Runs the full predict pipeline once per scene (probabilities on the scene's own grid), then scores
+the building IoU at each threshold from the probabilities: pixels labelled ``ignore`` take no part,
+as in ``geoseg evaluate``. The threshold chosen is the one with the best mean IoU over the two
+validation groups of ``configs/buildings_finetune.toml`` (the Kampala block; images 1, 3, 5 of
+Dubai tile 2), each group counted once, so the few drone pixels weigh as much as the many Dubai
+ones. The other scenes (Dubai tile 2's other six images, the Nairobi block) took no part in training
+or in any choice: they show whether the threshold carries over. ``--write`` saves a copy of the
+bundle with that threshold as its default (``geoseg predict --threshold`` overrides it).
+Needs ``../shared/data`` and ``python configs/prepare_dubai.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import rasterio
+
+REPO = Path(__file__).resolve().parents[1]
+OAM = REPO.parent / "shared" / "data" / "buildings-oam-train" / "mosaics"
+DUBAI = REPO.parent / "geoseg-data" / "multiclass-dubai" / "tile2"
+DUBAI_VALUES = "0=ignore,1=building,2-5=background"
+THRESHOLDS = [0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6]
+
+GROUPS = {  # name: (used to choose?, [(image, labels, label_values)])
+    "Kampala block 1 (validation)": (True, [(OAM / "2-kampala_ug" / "kampala_ug_block1_z21_rgb.tif",
+                                             OAM / "2-kampala_ug" / "kampala_ug_block1_z21_buildings.gpkg", None)]),
+    "Dubai tile 2, images 1, 3, 5 (validation)": (True, [(DUBAI / f"image_part_{i:03d}.tif",
+                                                         DUBAI / f"image_part_{i:03d}_labels.tif", DUBAI_VALUES)
+                                                        for i in (1, 3, 5)]),
+    "Dubai tile 2, images 2, 4, 6-9 (held out)": (False, [(DUBAI / f"image_part_{i:03d}.tif",
+                                                          DUBAI / f"image_part_{i:03d}_labels.tif", DUBAI_VALUES)
+                                                         for i in (2, 4, 6, 7, 8, 9)]),
+    "Nairobi block 1 (unseen, labels offset)": (False, [(OAM / "5-nairobi_ke" / "nairobi_ke_block1_z21_rgb.tif",
+                                                         OAM / "5-nairobi_ke" / "nairobi_ke_block1_z21_buildings.gpkg",
+                                                         None)]),
+}
+
+
+def counts(bundle, image: Path, labels: Path, label_values: str | None, building: int) -> np.ndarray:
+    """(intersection, union) of building pixels per threshold on one scene."""
+    from geoseg.labels import IGNORE, LabelReader, parse_label_values
+    from geoseg.predict import predict
+    from geoseg.scene import open_scene
+
+    names = list(bundle.meta.class_names)
+    info = open_scene(image)
+    value_map = parse_label_values(label_values, names) if label_values else None
+    with tempfile.TemporaryDirectory() as tmp:
+        probs_path = Path(tmp) / "p.tif"
+        predict(image, Path(tmp) / "o.gpkg", probs_out=probs_path, bundle=bundle)
+        with rasterio.open(probs_path) as ds:
+            p = ds.read(building + 1)
+            covered = ds.read_masks(1) > 0
+    with LabelReader(labels, info, class_names=names, value_map=value_map) as reader:
+        truth = reader.read(0, info.height, 0, info.width)
+    known = covered & (truth != IGNORE)
+    t = truth == building
+    out = np.zeros((len(THRESHOLDS), 2))
+    for i, th in enumerate(THRESHOLDS):
+        pred = p >= th
+        out[i] = ((pred & t & known).sum(), ((pred | t) & known).sum())
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="buildings", help="bundle path or built-in name (default: buildings)")
+    parser.add_argument("--write", type=Path, default=None, help="save the bundle with the chosen threshold here")
+    args = parser.parse_args()
+    from geoseg.models.bundle import load_bundle, resolve_model, save_bundle
+
+    bundle = load_bundle(resolve_model(args.model))
+    building = list(bundle.meta.class_names).index("building")
+    # score what the network gives: the bundle's own threshold must not move the probabilities, and
+    # predict's classes are not used here
+    rows = {}
+    for name, (_, scenes) in GROUPS.items():
+        total = sum(counts(bundle, *scene, building) for scene in scenes)
+        rows[name] = total[:, 0] / np.maximum(total[:, 1], 1)
+        print(f"scored {name}", file=sys.stderr, flush=True)
+    chosen_on = [name for name, (choose, _) in GROUPS.items() if choose]
+    mean = np.mean([rows[name] for name in chosen_on], axis=0)
+    best = int(np.argmax(mean))
+    print("| building IoU at threshold | " + " | ".join(f"{t:g}" for t in THRESHOLDS) + " |")
+    print("|---|" + "---|" * len(THRESHOLDS))
+    for name, iou in [*rows.items(), ("mean of the two validation groups", mean)]:
+        cells = [f"**{v:.3f}**" if i == best else f"{v:.3f}" for i, v in enumerate(iou)]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"\nchosen: building={THRESHOLDS[best]:g} (0.5 is the plain most probable class)")
+    if args.write:
+        classes = tuple(dataclasses.replace(c, threshold=THRESHOLDS[best]) if i == building else c
+                        for i, c in enumerate(bundle.meta.classes))
+        sha = save_bundle(bundle.model, dataclasses.replace(bundle.meta, classes=classes), args.write)
+        print(f"wrote {args.write} (sha256 {sha})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
