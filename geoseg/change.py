@@ -153,8 +153,9 @@ def detect_input(path: str | os.PathLike, role: str, *, classes: Sequence[str] |
         descriptions = [d or "" for d in ds.descriptions]
         floats = all(np.dtype(t).kind == "f" for t in ds.dtypes)
         integer = ds.count == 1 and np.dtype(ds.dtypes[0]).kind in "iu"
-        tagged = bool(ds.tags().get("class_names"))
-        threshold_tag = ds.tags().get("threshold")
+        tags = ds.tags()
+        tagged = bool(tags.get("class_names"))
+        threshold_tag = tags.get("threshold")
         if ds.count >= 2 and floats and all(d.startswith("p_") and len(d) > 2 for d in descriptions):
             kind, names, colors = "probs", tuple(d[2:] for d in descriptions), None
         elif integer and tagged:

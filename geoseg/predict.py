@@ -485,6 +485,7 @@ def run_model(
     window = weight_window(tile_size, kind=options.blend, overlap=overlap)
     chunks = column_chunks(info.width, options.chunk_width)
     stretch = value_stretch(info, meta, options.stretch)
+    bias = decision_bias(list(thresholds(options, meta).values()))
     timings = timings if timings is not None else {}
     t_model = t_blend = t_wait = 0.0
     skipped: set[int] = set()
@@ -494,7 +495,7 @@ def run_model(
     for (a, b), chunk_tiles in zip(chunks, per_chunk):
         acc = StripAccumulator(
             height=info.height, width=b - a, col_off=a, classes=len(meta.classes), tile_size=tile_size,
-            window=window, sink=sink, nodata=CLASS_NODATA, bias=decision_bias(list(thresholds(options, meta).values())),
+            window=window, sink=sink, nodata=CLASS_NODATA, bias=bias,
         )
         chunk_skipped: list[int] = []
         gen = iter_batches(info, chunk_tiles, batch_size=options.batch_size, fill=fill, repeat=repeat,
@@ -726,7 +727,7 @@ def min_areas(options: PredictOptions, meta) -> dict[str, float]:
 
 def thresholds(options: PredictOptions, meta) -> dict[str, float]:
     """Decision threshold per class: the model's values, replaced by ``--threshold`` (one number for
-    every class, or some classes by name). InputError for unknown class names or values outside (0, 1)."""
+    every class but background, or some classes by name). InputError for unknown class names or values outside (0, 1)."""
     return resolve_thresholds(options.threshold, {c.name: c.threshold for c in meta.classes},
                               [meta.class_names[i] for i in meta.background])
 
@@ -857,7 +858,7 @@ def predict(
     colors = list(meta.colors)
     min_area = min_areas(options, meta)
     cleanup = cleanup_for(options, meta)
-    thresholds(options, meta)  # a bad --threshold fails before the model runs
+    threshold = thresholds(options, meta)  # a bad --threshold fails before the model runs
     if regularize:
         building_class(class_names)  # fail before the model runs
     line_options = centerline_options or roads.CentrelineOptions()
@@ -938,7 +939,7 @@ def predict(
             "blend": options.blend,
             "precision": options.precision,
             "tta": options.tta,
-            "threshold": ",".join(f"{k}={v:g}" for k, v in thresholds(options, meta).items()),
+            "threshold": ",".join(f"{k}={v:g}" for k, v in threshold.items()),
             "regularize": str(regularize).lower(),
             "min_area_m2": ",".join(f"{k}={v:g}" for k, v in min_area.items()),
             **cleanup.metadata(class_names),
