@@ -449,6 +449,8 @@ def run_job(job: Job) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - t0, 3),
             "outputs": {Path(p).name: {**_stat(Path(p)), "sha256": file_sha256(p)} for p in job.outputs.values()},
             "result": result,
+            # who made it, for the report of a run whose worker died after writing this file
+            "worker": {"host": status["host"], "pid": status["pid"], "model_loads": len(_BUNDLES)},
         }
         _write_json(folder / JOB_FILE, record)
         status.update(status="done", result=result)
@@ -659,6 +661,18 @@ class BatchReport:
         return {**dataclasses.asdict(self), "counts": self.counts, "ok": self.ok}
 
 
+def _made_by_this_run(job: Job, status: dict[str, Any]) -> dict[str, Any]:
+    """The status of a job that was not current when it was submitted but came back current: a
+    worker finished it and died before reporting, and the retry found its outputs. This run made
+    them: it is ``done``, by the worker its ``job.json`` names."""
+    try:
+        record = json.loads((Path(job.folder) / JOB_FILE).read_text())
+    except (OSError, ValueError):
+        return status
+    return {**status, **record.get("worker", {}), "status": "done", "seconds": record.get("seconds"),
+            "result": record.get("result")}
+
+
 def _entry(job: Job, outcome: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
     """A job's line in the report: what it is, where its outputs go, and how it ended (``outcome``)."""
     entry = {"id": job.id, "kind": job.kind, "area": job.area, "dates": list(job.dates), "key": job.key,
@@ -758,6 +772,8 @@ def run_batch(
                 except Exception as exc:  # the worker died (KilledWorker, BrokenProcessPool) or the task was lost
                     status = {"status": "failed", "seconds": None,
                               "error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}
+                if status["status"] == "current":
+                    status = _made_by_this_run(job, status)
                 settle(job, status)
                 if status["status"] == "failed":
                     log.error("%s failed: %s", job.id, status["error"])

@@ -223,6 +223,25 @@ def test_rerun_skips_current_jobs_and_redoes_changed_ones(tmp_path, model):
     assert {j["status"] for j in json.loads(dry.output)["jobs"]} == {"planned"}
 
 
+def test_a_job_made_by_a_worker_that_died_before_reporting_counts_as_done(tmp_path, model, monkeypatch):
+    """A Dask worker finishes a job (job.json written) and is killed before it reports; the retry on
+    another worker finds the outputs current. The run made them: the report says done, by the first."""
+    import geoseg.batch as batch
+
+    real = batch.run_job
+
+    def finished_then_retried(job):
+        real(job)  # the first try: outputs and job.json written, then the worker dies
+        return {"id": job.id, "status": "current", "seconds": 0.0, "error": None, "result": None,
+                "host": "other", "pid": 1}  # what the retry on another worker reports
+
+    monkeypatch.setattr(batch, "run_job", finished_then_retried)
+    report = run_batch(load_manifest(write_manifest(tmp_path, model, naip=False)))
+    assert report.counts == {"done": 3}
+    assert all(j["worker"] == f"{os.uname().nodename}:{os.getpid()}" and j["model_loads"] == 1
+               for j in report.jobs if j["kind"] == "predict")
+
+
 def test_a_failing_job_does_not_stop_the_others(tmp_path, model):
     manifest = write_manifest(tmp_path, model, naip=False)
     text = manifest.read_text() + '[[scenes]]\narea = "town"\ndate = "2023-05-01"\npath = "scenes/missing.tif"\n'
