@@ -78,6 +78,7 @@ def child_model_alone(model: str, tiles: int, batch: int, tile: int, precision: 
     from geoseg.models.bundle import load_bundle, resolve_model
 
     bundle = load_bundle(resolve_model(model), precision=precision)
+    assert bundle.precision == precision, (bundle.precision, precision)
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, size=(batch, tile, tile, len(bundle.meta.bands))).astype(np.float32)
     bundle.model.predict_on_batch(x)  # warm-up (graph tracing), as predict's first batch also pays it
@@ -93,6 +94,7 @@ def child_naive(scene: str, model: str, out: str, tile: int, overlap: int, preci
     import rasterio.features
     import shapely.geometry
 
+    from geoseg.blend import decision_bias
     from geoseg.models.bundle import load_bundle, resolve_model
     from geoseg.tiling import plan_tiles
 
@@ -116,7 +118,11 @@ def child_naive(scene: str, model: str, out: str, tile: int, overlap: int, preci
         ph, pw = patch.shape[1:]
         probs[:, t.row : t.row + ph, t.col : t.col + pw] += p[:, :ph, :pw]
         weights[t.row : t.row + ph, t.col : t.col + pw] += 1
-    classes = np.argmax(probs / weights, axis=0).astype(np.uint8)
+    probs /= weights
+    bias = decision_bias([c.threshold for c in bundle.meta.classes])
+    if bias is not None:  # the model's decision thresholds, as geoseg applies them (like for like)
+        probs = np.log(np.maximum(probs, 1e-12)) + bias[:, None, None]
+    classes = np.argmax(probs, axis=0).astype(np.uint8)
     t_model = time.perf_counter() - t0 - t_load
     np.save(out + ".npy", classes)
     t1 = time.perf_counter()
@@ -128,14 +134,16 @@ def child_naive(scene: str, model: str, out: str, tile: int, overlap: int, preci
     frame["area_m2"] = frame.area
     frame.to_file(out, driver="GPKG", layer="polygons")
     print(json.dumps({"load_s": t_load, "predict_s": t_model, "vector_s": time.perf_counter() - t1,
-                      "polygons": len(frame)}))
+                      "polygons": len(frame), "precision": bundle.precision}))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=8192)
     ap.add_argument("--model", default="buildings")
-    ap.add_argument("--precision", default="float32")
+    ap.add_argument("--precision", default="auto", help="geoseg's and the model-alone run's --precision")
+    ap.add_argument("--naive-precision", default="float32",
+                    help="the naive pipeline's (common tools run float32; 'auto' or any --precision value)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--no-naive", action="store_true", help="skip the naive pipeline")
     ap.add_argument("--blend", default="cosine", help="geoseg's --blend (mean: the naive pipeline's even averaging)")
@@ -167,15 +175,17 @@ def main() -> None:
         doc = json.loads(proc.stdout)
         t = doc["timings_s"]
         run_tiles, tile, overlap = doc["tiles"]["run"], doc["tiles"]["size"], doc["tiles"]["overlap"]
+        precision = doc["model"]["precision"]  # what --precision (auto by default) chose on this machine
         pipeline_s = t["total"] - t["load"]
         proc_m, _, _ = timed([py, __file__, "--child", "model", args.model, str(run_tiles), str(args.batch_size),
-                              str(tile), args.precision])
+                              str(tile), precision])
         model_s = json.loads(proc_m.stdout)["model_s"]
         naive = None
         if not args.no_naive:
             proc_n, wall_n, rss_n = timed([py, __file__, "--child", "naive", str(scene), args.model,
-                                           str(tmp / "naive.gpkg"), str(tile), str(overlap), args.precision])
+                                           str(tmp / "naive.gpkg"), str(tile), str(overlap), args.naive_precision])
             nd = json.loads(proc_n.stdout)
+            naive_precision = nd["precision"]
             with rasterio.open(tmp / "g.tif") as ds:
                 ours = ds.read(1)
             theirs = np.load(tmp / "naive.gpkg.npy")
@@ -185,11 +195,14 @@ def main() -> None:
     lines = [
         f"## Pipeline against model alone{' and a naive pipeline' if naive else ''}, {args.size} x {args.size}",
         "",
-        f"Measured {machine()}, CPU only, TensorFlow backend, {args.precision}, model `{args.model}`, "
+        f"Measured {machine()}, CPU only, TensorFlow backend, model `{args.model}` in {precision} (geoseg "
+        f"and the model alone; --precision {args.precision})"
+        f"{f', the naive pipeline in {naive_precision}' if naive else ''}, "
         f"tile {tile} / overlap {overlap}, batch {args.batch_size}; {run_tiles} tiles run.",
         "",
         f"Command: `python benchmarks/pipeline.py --size {args.size} --batch-size {args.batch_size} "
-        f"--precision {args.precision} --blend {args.blend} --polygonize {args.polygonize}"
+        f"--precision {args.precision} --naive-precision {args.naive_precision} --blend {args.blend} "
+        f"--polygonize {args.polygonize}"
         f"{' --no-naive' if args.no_naive else ''}`",
         "",
         "| run | seconds | Mpx/s | peak RSS (MiB) |",

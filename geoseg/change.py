@@ -571,7 +571,8 @@ def change(
                 dates[i] = replace(d, read_path=str(seg.probs_path), read_kind="probs",
                                    thresholds=tuple(thresholds(predict_options, meta).values()))
             timings["segment"] = round(time.perf_counter() - t0, 3)
-            model_info = {"name": meta.name, "sha256": bundle.sha256, "path": str(bundle.path)}
+            model_info = {"name": meta.name, "sha256": bundle.sha256, "path": str(bundle.path),
+                          "precision": bundle.precision}
             if own_model:  # the rest does not need the model: give its memory back
                 bundle = None
                 _release_keras()
@@ -599,7 +600,7 @@ def change(
                 "model_path": model_info["path"], "tile_size": str(predict_options.tile_size or ""),
                 "overlap": str("" if predict_options.overlap is None else predict_options.overlap),
                 "batch_size": str(predict_options.batch_size), "blend": predict_options.blend,
-                "precision": predict_options.precision, "gsd": predict_options.gsd, "tta": predict_options.tta}
+                "precision": model_info["precision"], "gsd": predict_options.gsd, "tta": predict_options.tta}
                if model_info else {}),
             "class_names": ",".join(names),
             "background": ",".join(names[i] for i in sorted(background)),

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 CLASS_NODATA = 255
 SCORE_SCALE = 65535
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class PredictOptions:
     overlap: int | None = None
     batch_size: int = 2  # CPU: throughput flat from 1 to 8, memory +100 MiB per tile (benchmarks/batch_size.py)
     blend: str = "cosine"
-    precision: str = "float32"
+    precision: str = "auto"  # mixed_bfloat16 on CPUs with bf16 instructions, else float32 (bundle.resolve_precision)
     bands: tuple[int, ...] | None = None
     assume_crs: str | None = None
     min_area_m2: float | Mapping[str, float] | None = None  # one value, or {class: m²} over the model's
@@ -937,7 +937,7 @@ def predict(
             "overlap": str(seg.overlap),
             "batch_size": str(options.batch_size),
             "blend": options.blend,
-            "precision": options.precision,
+            "precision": bundle.precision,
             "tta": options.tta,
             "threshold": ",".join(f"{k}={v:g}" for k, v in threshold.items()),
             "regularize": str(regularize).lower(),
@@ -983,7 +983,7 @@ def predict(
         scene=str(info.path),
         model_gsd_m=bundle.meta.gsd,
         outputs=outs,
-        model={"name": meta.name, "sha256": bundle.sha256, "path": str(bundle.path)},
+        model={"name": meta.name, "sha256": bundle.sha256, "path": str(bundle.path), "precision": bundle.precision},
         crs=info.crs.to_string(),
         gsd_m=round(info.gsd, 6),
         width=info.width,

@@ -19,11 +19,13 @@ from geoseg.models import (
     BundleMeta,
     ClassInfo,
     build_model,
+    cpu_has_bf16,
     file_sha256,
     list_builtin,
     load_bundle,
     read_meta,
     resolve_model,
+    resolve_precision,
     save_bundle,
     size_multiple,
 )
@@ -374,6 +376,31 @@ def test_mixed_float16_segnet(saved, pixels):
     assert y.dtype == np.float32
     assert (y.argmax(-1) == saved["segnet"]["y"].argmax(-1)).mean() >= 0.99
     assert keras.config.dtype_policy().name == "float32"
+
+
+def test_cpu_has_bf16_reads_the_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
+    assert cpu_has_bf16(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f amx_bf16\n")
+    assert cpu_has_bf16(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_int8\n")
+    assert not cpu_has_bf16(info)
+    assert not cpu_has_bf16(tmp_path / "no-such-file")  # not Linux
+
+
+@pytest.mark.parametrize("has_bf16, expected", [(True, "mixed_bfloat16"), (False, "float32")])
+def test_auto_precision_follows_the_cpu(saved, monkeypatch, has_bf16, expected):
+    import geoseg.models.bundle as bundle_module
+
+    monkeypatch.setattr(bundle_module, "cpu_has_bf16", lambda *a: has_bf16)
+    assert resolve_precision("auto") == expected  # TensorFlow on a machine without a GPU
+    for named in ("float32", "mixed_bfloat16", "mixed_float16"):
+        assert resolve_precision(named) == named  # a named precision is never second-guessed
+    bundle = load_bundle(saved["unet"]["path"], precision="auto")
+    assert bundle.precision == expected  # what ran, for the run metadata
+    assert bundle.model.get_layer("enc0_a_conv").dtype_policy.name == expected
+    assert bundle.model.get_layer("logits").dtype_policy.name == "float32"
 
 
 # --- no keras at import; other backends ------------------------------------------------------------

@@ -19,11 +19,13 @@ from geoseg.models.bundle import (
     BundleMeta,
     ClassInfo,
     builtin_dir,
+    cpu_has_bf16,
     file_sha256,
     list_builtin,
     load_bundle,
     read_meta,
     resolve_model,
+    resolve_precision,
     save_bundle,
 )
 
@@ -39,11 +41,13 @@ __all__ = [
     "ClassInfo",
     "build_model",
     "builtin_dir",
+    "cpu_has_bf16",
     "file_sha256",
     "list_builtin",
     "load_bundle",
     "read_meta",
     "resolve_model",
+    "resolve_precision",
     "save_bundle",
     "size_multiple",
 ]

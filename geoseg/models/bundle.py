@@ -42,11 +42,13 @@ __all__ = [
     "BundleMeta",
     "ClassInfo",
     "builtin_dir",
+    "cpu_has_bf16",
     "file_sha256",
     "list_builtin",
     "load_bundle",
     "read_meta",
     "resolve_model",
+    "resolve_precision",
     "save_bundle",
 ]
 
@@ -56,8 +58,8 @@ FORMAT_VERSION = 1
 META_ENTRY = "geoseg.json"
 #: The built-in model used when none is named.
 DEFAULT_MODEL = "buildings"
-#: Values of ``load_bundle(precision=...)``.
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+#: Values of ``load_bundle(precision=...)``; ``auto`` picks one for this machine (``resolve_precision``).
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 
 # Entries every file written by keras' ``model.save`` has.
 _KERAS_ENTRIES = ("config.json", "metadata.json")
@@ -497,13 +499,43 @@ def _with_precision(model: keras.Model, policy: str) -> keras.Model:
     return rebuilt
 
 
+def cpu_has_bf16(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bfloat16 in hardware: the ``amx_bf16`` or ``avx512_bf16`` flag of
+    Linux's ``/proc/cpuinfo`` (False where there is no such file)."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool({"amx_bf16", "avx512_bf16"} & set(line.partition(":")[2].split()))
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str) -> str:
+    """The precision ``precision`` stands for on this machine: ``auto`` is ``mixed_bfloat16`` where
+    TensorFlow runs on a CPU with bfloat16 instructions and no GPU (1.3-1.6x the float32 throughput
+    of the default model, the same held-back IoU: docs/performance.md), ``float32`` anywhere else
+    (GPUs, the JAX and PyTorch backends, CPUs that would emulate bfloat16 slowly). Other values are
+    returned as they are."""
+    if precision != "auto":
+        return precision
+    import keras
+
+    if keras.backend.backend() != "tensorflow" or not cpu_has_bf16():
+        return "float32"
+    import tensorflow as tf
+
+    return "float32" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+
+
 def load_bundle(path: str | os.PathLike[str], *, precision: str = "float32") -> Bundle:
     """Load a bundle: metadata, sha256 and the Keras model (not compiled).
 
-    ``precision``: ``"float32"``, ``"mixed_bfloat16"`` (about 6x faster on CPUs with AMX) or
-    ``"mixed_float16"`` (GPUs). Mixed precision computes every layer in 16 bits except the
-    ``Normalize`` layer and the logits, which stay float32. The global Keras dtype policy is left
-    as it was.
+    ``precision``: ``"float32"``, ``"mixed_bfloat16"`` (faster on CPUs with AMX), ``"mixed_float16"``
+    (GPUs) or ``"auto"`` (:func:`resolve_precision`; ``Bundle.precision`` holds what it chose). Mixed
+    precision computes every layer in 16 bits except the ``Normalize`` layer and the logits, which
+    stay float32. The global Keras dtype policy is left as it was.
     """
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
@@ -542,6 +574,7 @@ def load_bundle(path: str | os.PathLike[str], *, precision: str = "float32") -> 
             f"metadata names {len(meta.bands)} bands and {len(meta.classes)} classes; re-save it "
             "with geoseg.models.save_bundle"
         )
+    precision = resolve_precision(precision)
     model = _with_precision(model, precision)
     return Bundle(path=path, meta=meta, sha256=sha256, model=model, precision=precision)
 
