@@ -118,11 +118,13 @@ def child_naive(scene: str, model: str, out: str, tile: int, overlap: int, preci
         ph, pw = patch.shape[1:]
         probs[:, t.row : t.row + ph, t.col : t.col + pw] += p[:, :ph, :pw]
         weights[t.row : t.row + ph, t.col : t.col + pw] += 1
-    probs /= weights
+    mean = probs / weights
     bias = decision_bias([c.threshold for c in bundle.meta.classes])
-    if bias is not None:  # the model's decision thresholds, as geoseg applies them (like for like)
-        probs = np.log(np.maximum(probs, 1e-12)) + bias[:, None, None]
-    classes = np.argmax(probs, axis=0).astype(np.uint8)
+    if bias is not None:  # the model's decision thresholds, as geoseg applies them (like for like), in place
+        np.maximum(mean, 1e-12, out=mean)
+        np.log(mean, out=mean)
+        mean += bias[:, None, None]
+    classes = np.argmax(mean, axis=0).astype(np.uint8)
     t_model = time.perf_counter() - t0 - t_load
     np.save(out + ".npy", classes)
     t1 = time.perf_counter()
