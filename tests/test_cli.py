@@ -52,12 +52,18 @@ def test_predict_with_a_keras_bundle_reproduces_the_band_and_writes_styled_outpu
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["model"]["name"] == "onehot" and len(doc["model"]["sha256"]) == 64
+    # --precision auto (the default) says what it ran: bfloat16 on CPUs that have it, and the band
+    # is still reproduced exactly
+    from geoseg.models import resolve_precision
+
+    assert doc["model"]["precision"] == resolve_precision("auto") != "auto"
     assert doc["outputs"] == {"gpkg": str(out), "raster": str(classes)}
     with rasterio.open(classes) as ds:
         np.testing.assert_array_equal(ds.read(1), labels)
         assert ds.nodata == 255
         assert ds.colormap(1)[1][:3] == (230, 25, 75)
         assert ds.tags()["model_sha256"] == doc["model"]["sha256"]
+        assert ds.tags()["precision"] == doc["model"]["precision"]
     assert (tmp_path / "classes.qml").exists()
     info = pyogrio.read_info(out, layer="class1")
     assert info["crs"] == "EPSG:32633" and {"class_name", "class_id", "area_m2", "score"} <= set(info["fields"])
