@@ -31,6 +31,7 @@ import geoseg
 from geoseg.atomic import Staging, check_output
 from geoseg.blend import StripAccumulator, Strip, decision_bias, resolve_thresholds, weight_window
 from geoseg.errors import InputError
+from geoseg.models.bundle import PRECISIONS
 from geoseg.scene import SceneInfo, SceneReader, at_gsd, open_scene
 from geoseg.tiling import Tile, check_tiling, plan_tiles
 
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 
 CLASS_NODATA = 255
 SCORE_SCALE = 65535
-PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from geoseg.errors import GeosegError
+from geoseg.models.bundle import PRECISIONS
 
 # Keep TensorFlow's C++ start-up chatter off stderr unless the user asks for it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -85,7 +86,7 @@ _INFERENCE = [
                       "on a GPU try 8-32."),
     click.option("--blend", type=click.Choice(["cosine", "gaussian", "mean"]), default="cosine", show_default=True,
                  help="Weight window for overlapping tiles."),
-    click.option("--precision", type=click.Choice(["auto", "float32", "mixed_bfloat16", "mixed_float16"]),
+    click.option("--precision", type=click.Choice(PRECISIONS),
                  default="auto", show_default=True,
                  help="Number format of the model's layers (the logits stay float32). auto: mixed_bfloat16 "
                       "on CPUs with bfloat16 instructions (AMX or AVX512-BF16; 1.3-1.6x faster, same IoU), "
