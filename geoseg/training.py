@@ -8,16 +8,18 @@ Data flow (every step is a function of its own)::
                     ──chip_windows─▶ overlapping candidate chips inside the training rectangles,
                                     mostly-nodata/ignore chips skipped
                     ──ChipSampler──▶ batches: scale jitter, flips and 90° turns, blur, grayscale,
-                                    brightness/contrast (vectorised numpy, seeded per epoch)
-                    ──train_on_batch─▶ epoch ──validate──▶ IoU on the validation areas
-                    ──best epoch by validation mean foreground IoU──▶ save_bundle(-o)
+                                    brightness/contrast, band gains (vectorised numpy, seeded per epoch)
+                    ──train_on_batch─▶ (optionally an average of the weights, --ema)
+                    ──epoch──validate──▶ IoU on the validation areas, pooled and per dataset
+                    ──best epoch by validation mean foreground IoU (pooled, or the mean of the
+                      datasets' with --val-average datasets)──▶ save_bundle(-o)
 
 Memory: every scene (training and validation) is read whole at the training GSD and kept in memory
 (pixels in their native dtype plus one byte of labels per pixel). That is simple and fast for
 datasets of up to a few hundred megapixels at the training GSD (the buildings data is ~6 Mpx at
 0.28 m); larger collections need a windowed chip reader instead.
 
-Resumable: after every epoch the state (weights, best weights, optimizer variables, epoch, best
+Resumable: after every epoch the state (weights, best weights, optimizer variables, averaged weights, epoch, best
 score, early-stopping counter, elapsed time, the settings) is written beside the output in
 ``MODEL.resume/``, ``state.json`` last and atomically, so Ctrl-C at any moment leaves the last
 complete epoch's state; ``resume=True`` continues from it. The random streams are derived from
@@ -29,6 +31,7 @@ Keras is imported only by the functions that need it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -106,14 +109,15 @@ class Augment:
     contrast: float = 0.2  # contrast about the chip mean drawn from [1-c, 1+c]
     grayscale: float = 0.2  # probability of replacing every band by the luminance (panchromatic look)
     blur: float = 0.2  # probability of losing resolution: down by 1..3x and back (soft/upsampled imagery)
+    band_gain: float = 0.0  # per-band gain drawn from [1-g, 1+g] (colour casts: white balance, rusty or faded roofs)
 
     def __post_init__(self) -> None:
         if not self.scale_jitter >= 1:
             raise InputError(f"--scale-jitter {self.scale_jitter} must be >= 1 (1 turns it off), e.g. 1.6")
-        for name in ("brightness", "contrast"):
+        for name in ("brightness", "contrast", "band_gain"):
             v = getattr(self, name)
             if not 0 <= v < 1:
-                raise InputError(f"--{name} {v} must be in [0, 1), e.g. 0.2")
+                raise InputError(f"--{name.replace('_', '-')} {v} must be in [0, 1), e.g. 0.2")
         for name in ("grayscale", "blur"):
             v = getattr(self, name)
             if not 0 <= v <= 1:
@@ -182,6 +186,8 @@ class TrainConfig:
     loss: str = "ce+dice"
     class_weights: tuple[float, ...] | None = None
     patience: int = 10  # epochs without a better validation IoU before stopping (0: never stop early)
+    ema: float = 0.0  # momentum per step of the averaged weights that are validated and saved (0: the raw weights)
+    val_average: str = "pixels"  # validation score over all pixels pooled, or the mean of each dataset's ("datasets")
     seed: int = 0
     augment: Augment = Augment()
     tile_size: int = 512  # predict defaults stored in the bundle
@@ -645,7 +651,8 @@ def augment_batch(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, aug: A
                   lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Augment a float32 batch ``x`` (B, H, W, bands) and its labels ``y`` (B, H, W) in place-ish.
 
-    Flips and 90° turns (labels follow), loss of resolution, grayscale, brightness and contrast;
+    Flips and 90° turns (labels follow), loss of resolution, grayscale, brightness and contrast,
+    per-band gains;
     values are clipped to the training data's range ``lo..hi`` per band. The loop runs over the
     chips of the batch, never over pixels.
     """
@@ -681,6 +688,8 @@ def augment_batch(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, aug: A
         con = rng.uniform(1 - aug.contrast, 1 + aug.contrast, size=(b, 1, 1, 1)).astype(np.float32)
         mean = x.mean(axis=(1, 2), keepdims=True)
         x = ((x - mean) * con + mean) * gain
+    if aug.band_gain > 0 and nb > 1:
+        x = x * rng.uniform(1 - aug.band_gain, 1 + aug.band_gain, size=(b, 1, 1, nb)).astype(np.float32)
     np.clip(x, lo, hi, out=x)
     return x, y
 
@@ -886,6 +895,10 @@ def _check_config(cfg: TrainConfig, multiple: int) -> None:
         raise InputError(f"--gsd {cfg.gsd} must be a positive number of metres per pixel")
     if cfg.max_minutes is not None and not cfg.max_minutes > 0:
         raise InputError(f"--max-minutes {cfg.max_minutes} must be positive")
+    if not 0 <= cfg.ema < 1:
+        raise InputError(f"--ema {cfg.ema} must be in [0, 1): the momentum per step, e.g. 0.995 (0: off)")
+    if cfg.val_average not in VAL_AVERAGES:
+        raise InputError(f"--val-average {cfg.val_average!r} is not one of {', '.join(VAL_AVERAGES)}")
     if cfg.sample_weights is not None:
         w = cfg.sample_weights
         if len(w) != len(cfg.images):
@@ -1047,8 +1060,9 @@ class _State:
         except (OSError, ValueError) as exc:
             raise InputError(f"resume state {self.folder} is unreadable ({exc}); start again without --resume (with --overwrite)") from None
 
-    def write(self, model, state: dict[str, Any], *, best_improved: bool) -> None:
-        """Save this epoch's weights and optimizer variables, then point ``state.json`` at them."""
+    def write(self, model, state: dict[str, Any], *, best_improved: bool, averaged: "_Averaged | None" = None) -> None:
+        """Save this epoch's weights and optimizer variables (and the averaged weights with
+        ``--ema``, which are then the ones kept as the best), then point ``state.json`` at them."""
         self.folder.mkdir(exist_ok=True)
         epoch = state["epoch"]
         previous = self.read()["files"] if self.exists() else {}
@@ -1057,9 +1071,17 @@ class _State:
         model.save_weights(self.folder / files["weights"])
         with open(self.folder / files["optimizer"], "wb") as f:
             np.savez(f, *[np.asarray(v) for v in model.optimizer.variables])
+        if averaged is not None and averaged.values is not None:
+            files["ema"] = f"epoch-{epoch:04d}.ema.npz"
+            with open(self.folder / files["ema"], "wb") as f:
+                np.savez(f, *averaged.values)
         if best_improved or files["best"] is None:
             files["best"] = f"best-{epoch:04d}.weights.h5"
-            shutil.copyfile(self.folder / files["weights"], self.folder / files["best"])
+            if averaged is not None and averaged.values is not None:
+                with averaged.applied(model):
+                    model.save_weights(self.folder / files["best"])
+            else:
+                shutil.copyfile(self.folder / files["weights"], self.folder / files["best"])
         tmp = self.folder / f"state.json.tmp-{os.getpid()}"
         tmp.write_text(json.dumps({**state, "files": files}, indent=1))
         os.replace(tmp, self.folder / "state.json")
@@ -1083,25 +1105,71 @@ def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+VAL_AVERAGES = ("pixels", "datasets")
+
+
+class _Averaged:
+    """Exponential moving average of a model's trainable weights (``--ema``), kept in numpy.
+
+    ``update`` after each training step; ``with averaged.applied(model):`` swaps the average in
+    (to validate or save it) and the raw weights back afterwards. The first update copies the
+    weights, so a fine-tuning run averages from its starting point."""
+
+    def __init__(self, momentum: float, values: list[np.ndarray] | None = None) -> None:
+        self.momentum = momentum
+        self.values = values
+
+    def update(self, model) -> None:
+        weights = [np.asarray(v.numpy()) for v in model.trainable_variables]
+        if self.values is None:
+            self.values = [w.astype(np.float32, copy=True) for w in weights]
+            return
+        m = self.momentum
+        for avg, w in zip(self.values, weights):
+            avg *= m
+            avg += (1 - m) * w
+
+    @contextlib.contextmanager
+    def applied(self, model):
+        if self.values is None:
+            yield
+            return
+        raw = [np.array(v.numpy()) for v in model.trainable_variables]
+        for var, avg in zip(model.trainable_variables, self.values):
+            var.assign(avg)
+        try:
+            yield
+        finally:
+            for var, w in zip(model.trainable_variables, raw):
+                var.assign(w)
+
+
 def _miou(iou: np.ndarray) -> float:
     fg = iou[1:]
     return float(np.nanmean(fg)) if np.isfinite(fg).any() else 0.0
 
 
-def _validate(model, loss_fn, batches: list[tuple[np.ndarray, np.ndarray]], classes: int) -> tuple[float, np.ndarray]:
+def _validate(model, loss_fn, batches: list[tuple[np.ndarray, np.ndarray]], classes: int,
+              groups: Sequence[int] | None = None) -> tuple[float, np.ndarray, list[np.ndarray]]:
+    """(mean loss, IoU per class over all batches, IoU per class of each group). ``groups`` gives
+    each batch's group (its dataset); None: one group."""
     from geoseg.evaluate import ConfusionMatrix
 
-    cm = ConfusionMatrix(classes)
+    groups = list(groups) if groups is not None else [0] * len(batches)
+    cms = [ConfusionMatrix(classes) for _ in range(max(groups, default=-1) + 1)]
     total, weight = 0.0, 0
-    for x, y in batches:
+    for (x, y), g in zip(batches, groups):
         logits = np.asarray(model.predict_on_batch(x.astype(np.float32)), dtype=np.float32)
         n = int((y != IGNORE).sum())
         if n:
             total += float(loss_fn(y, logits)) * n
             weight += n
         # IoU counts only pixels whose class is known: partial-label codes (>= classes) are left out
-        cm.update(np.argmax(logits, axis=-1).astype(np.uint8), np.where(y < classes, y, IGNORE))
-    return (total / weight if weight else float("nan")), cm.iou()
+        cms[g].update(np.argmax(logits, axis=-1).astype(np.uint8), np.where(y < classes, y, IGNORE))
+    pooled = ConfusionMatrix(classes)
+    for cm in cms:
+        pooled.merge(cm)
+    return (total / weight if weight else float("nan")), pooled.iou(), [cm.iou() for cm in cms]
 
 
 def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
@@ -1197,20 +1265,33 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
     if not windows:
         raise InputError(f"no training chips: no {chip}x{chip} window at {gsd:.3g} m has at least {cfg.min_labelled:.0%} "
                          f"labelled valid pixels; check that labels cover the images, or lower --chip-size / --min-labelled")
+    # validation groups: one per dataset (the top-level images are one), each scored on its own too
+    datasets = [d for _, _, d in sources + val_sources]
+    group_names: list[str] = []
+    scene_group = []
+    for d in datasets:
+        name = d.name or f"dataset{len(group_names)}"
+        if name not in group_names:
+            group_names.append(name)
+        scene_group.append(group_names.index(name))
     val_windows = [w for rect in val_rects for w in validation_windows(rect, chip=chip)]
-    val_batches = []
-    for i in range(0, len(val_windows), cfg.batch_size):
-        xs, ys = [], []
-        for s, r, c in val_windows[i : i + cfg.batch_size]:
-            rect = next(v for v in val_rects if v.scene == s and v.r0 <= r < v.r1 and v.c0 <= c < v.c1)
-            scene = all_scenes[s]
-            xs.append(crop(scene.image, r, c, chip, chip))
-            lab = crop(scene.labels, r, c, chip, chip, fill=IGNORE)
-            lab[max(0, rect.r1 - r):, :] = IGNORE  # context beyond the validation block is not scored
-            lab[:, max(0, rect.c1 - c):] = IGNORE
-            ys.append(lab)
-        val_batches.append((np.stack(xs), np.stack(ys)))
-    val_batches = [b for b in val_batches if (b[1] != IGNORE).any()]
+    val_batches, val_groups = [], []
+    for g in range(len(group_names)):
+        group_windows = [w for w in val_windows if scene_group[w[0]] == g]
+        for i in range(0, len(group_windows), cfg.batch_size):
+            xs, ys = [], []
+            for s, r, c in group_windows[i : i + cfg.batch_size]:
+                rect = next(v for v in val_rects if v.scene == s and v.r0 <= r < v.r1 and v.c0 <= c < v.c1)
+                scene = all_scenes[s]
+                xs.append(crop(scene.image, r, c, chip, chip))
+                lab = crop(scene.labels, r, c, chip, chip, fill=IGNORE)
+                lab[max(0, rect.r1 - r):, :] = IGNORE  # context beyond the validation block is not scored
+                lab[:, max(0, rect.c1 - c):] = IGNORE
+                ys.append(lab)
+            if any((y != IGNORE).any() for y in ys):
+                val_batches.append((np.stack(xs), np.stack(ys)))
+                val_groups.append(g)
+    scored_groups = sorted(set(val_groups))
     val_pixels = int(sum((y != IGNORE).sum() for _, y in val_batches))
 
     mean, std, lo, hi = _stats(all_scenes, train_rects)
@@ -1246,6 +1327,13 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
     rows: list[dict[str, Any]] = []
     start_epoch, best, best_epoch, waited, elapsed_before = 0, -1.0, 0, 0, 0.0
     best_iou = np.full(nclasses, np.nan)
+    averaged = _Averaged(cfg.ema) if cfg.ema > 0 else None
+
+    def _score(iou: np.ndarray, group_ious: list[np.ndarray]) -> float:
+        if cfg.val_average == "datasets" and group_ious:
+            return float(np.mean([_miou(g) for g in group_ious]))
+        return _miou(iou)
+
     if state is not None:
         model.optimizer.build(model.trainable_variables)
         model.load_weights(state_dir.folder / state["files"]["weights"])
@@ -1259,6 +1347,9 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
         waited, elapsed_before = state["waited"], state["elapsed"]
         best_iou = np.array([np.nan if v is None else v for v in state["best_iou"]])
         rows = state["rows"]
+        if averaged is not None and state["files"].get("ema"):
+            with np.load(state_dir.folder / state["files"]["ema"]) as saved:
+                averaged.values = [saved[f"arr_{i}"] for i in range(len(saved.files))]
         _write_log(log_path, rows)
         log.info("resuming after epoch %d (best val IoU %.4f at epoch %d)", start_epoch, best, best_epoch)
 
@@ -1271,14 +1362,21 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
         for step, (x, y) in enumerate(sampler.epoch_batches(cfg.seed, epoch, steps, cfg.batch_size), start=1):
             ts = time.perf_counter()
             value = float(np.asarray(model.train_on_batch(x, y)))
+            if averaged is not None:
+                averaged.update(model)
             step_times.append(time.perf_counter() - ts)
             if not math.isfinite(value):
                 raise InputError(f"the training loss became {value} at epoch {epoch}, step {step}; lower --lr (now {cfg.lr})")
             losses.append(value)
             if progress:
                 progress(TrainEvent("step", epoch, cfg.epochs, step, steps, value))
-        val_loss, iou = _validate(model, loss_fn, val_batches, nclasses) if val_batches else (float("nan"), np.full(nclasses, np.nan))
-        score = _miou(iou) if val_batches else float(epoch)
+        group_iou: list[np.ndarray] = []
+        if val_batches:
+            with averaged.applied(model) if averaged else contextlib.nullcontext():
+                val_loss, iou, group_iou = _validate(model, loss_fn, val_batches, nclasses, val_groups)
+        else:
+            val_loss, iou = float("nan"), np.full(nclasses, np.nan)
+        score = _score(iou, [group_iou[g] for g in scored_groups]) if val_batches else float(epoch)
         improved = score > best
         if improved:
             best, best_epoch, best_iou, waited = score, epoch, iou, 0
@@ -1291,7 +1389,12 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
                "val_loss": round(val_loss, 6) if math.isfinite(val_loss) else ""}
         for name, v in zip(class_names, iou):
             row[f"val_iou_{name}"] = round(float(v), 6) if math.isfinite(v) else ""
-        row.update({"val_miou": round(_miou(iou), 6) if val_batches else "", "lr": f"{lr:.6g}", "seconds": round(seconds, 2)})
+        row["val_miou"] = round(_miou(iou), 6) if val_batches else ""
+        if len(scored_groups) > 1:  # each dataset's own mean foreground IoU, and the score that picks the best
+            for g in scored_groups:
+                row[f"val_miou_{group_names[g]}"] = round(_miou(group_iou[g]), 6)
+            row["val_score"] = round(score, 6)
+        row.update({"lr": f"{lr:.6g}", "seconds": round(seconds, 2)})
         rows.append(row)
         _write_log(log_path, rows)
         elapsed = elapsed_before + time.perf_counter() - started
@@ -1300,12 +1403,15 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
             "best_iou": [None if not math.isfinite(v) else float(v) for v in best_iou], "rows": rows,
             "config": cfg.to_dict(), "seed": cfg.seed, "rng": {"kind": "numpy default_rng", "entropy": [cfg.seed, epoch + 1]},
             "gsd": gsd, "mean": list(map(float, mean)), "std": list(map(float, std)),
-        }, best_improved=improved)
+        }, best_improved=improved, averaged=averaged)
         if progress:
             progress(TrainEvent("epoch", epoch, cfg.epochs, steps, steps, row["train_loss"],
-                                {"val_loss": val_loss, "val_miou": _miou(iou), "best_epoch": best_epoch, "lr": lr}))
-        log.info("epoch %d/%d: loss %.4f, val loss %.4f, val IoU %s, %.0f s", epoch, cfg.epochs, row["train_loss"], val_loss,
-                 " ".join(f"{n}={v:.3f}" for n, v in zip(class_names, iou)), seconds)
+                                {"val_loss": val_loss, "val_miou": score if val_batches else float("nan"),
+                                 "best_epoch": best_epoch, "lr": lr}))
+        per_group = "".join(f"; {group_names[g]} mIoU {_miou(group_iou[g]):.3f}" for g in scored_groups) \
+            if len(scored_groups) > 1 else ""
+        log.info("epoch %d/%d: loss %.4f, val loss %.4f, val IoU %s%s, %.0f s", epoch, cfg.epochs, row["train_loss"], val_loss,
+                 " ".join(f"{n}={v:.3f}" for n, v in zip(class_names, iou)), per_group, seconds)
         if val_batches and cfg.patience and waited >= cfg.patience:
             stopped = "early_stopping"
             break

@@ -148,7 +148,7 @@ def test_metrics_ignore_ignore_and_partial_pixels(sets):
     pred = np.array([[[0, 1, 2, 1, 1, 1]]])  # wrong only where the truth is ignored or partial
     logits = np.eye(5, dtype=np.float32)[pred]
     loss = make_loss("ce", 5, target_sets=sets.matrix())
-    _, iou = _validate(Fixed(logits), loss, [(np.zeros((1, 1, 6, 3)), truth)], 5)
+    _, iou, _ = _validate(Fixed(logits), loss, [(np.zeros((1, 1, 6, 3)), truth)], 5)
     assert iou[:3].tolist() == [1.0, 1.0, 1.0]
     assert np.isnan(iou[3]) and np.isnan(iou[4])
 

@@ -141,6 +141,17 @@ def _rows(path):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
 
 
+def _interrupt_in_epoch_3(cfg, out):
+    """Ctrl-C during epoch 3: the state of epoch 2 stays beside ``out``."""
+
+    def interrupt(event):
+        if event.epoch == 3 and event.kind == "step":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, progress=interrupt)
+
+
 def test_resume_continues_from_the_saved_epoch_and_matches_an_uninterrupted_run(data, tmp_path):
     from geoseg.models import load_bundle
 
@@ -150,12 +161,7 @@ def test_resume_continues_from_the_saved_epoch_and_matches_an_uninterrupted_run(
 
     out = tmp_path / "run.keras"
 
-    def interrupt(event):
-        if event.epoch == 3 and event.kind == "step":
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, out, progress=interrupt)
+    _interrupt_in_epoch_3(cfg, out)
     assert not out.exists()  # no half-written bundle
     state = json.loads((resume_dir_for(out) / "state.json").read_text())
     assert state["epoch"] == 2 and len(_rows(log_path_for(out))) == 2
@@ -172,6 +178,80 @@ def test_resume_continues_from_the_saved_epoch_and_matches_an_uninterrupted_run(
         np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
     with pytest.raises(InputError, match="no saved state"):
         train(cfg, out, resume=True)
+
+
+def test_ema_averages_the_weights_and_swaps_them_in_only_while_applied():
+    from geoseg.training import _Averaged
+
+    class Var:
+        def __init__(self, value):
+            self.value = np.array(value, np.float32)
+
+        def assign(self, value):
+            self.value = np.array(value, np.float32)
+
+        def numpy(self):
+            return self.value
+
+    class Model:
+        trainable_variables = [Var([0.0, 0.0]), Var([[10.0]])]
+
+    model, avg = Model(), _Averaged(0.5)
+    avg.update(model)  # the first update copies the weights: a fine-tuning run averages from its start
+    for step in (1, 2):
+        model.trainable_variables[0].assign([4.0 * step, 0.0])
+        avg.update(model)
+    np.testing.assert_allclose(avg.values[0], [0.5 * (0.5 * 0 + 0.5 * 4) + 0.5 * 8, 0])  # 5
+    with avg.applied(model):
+        np.testing.assert_allclose(model.trainable_variables[0].value, [5.0, 0.0])
+        np.testing.assert_allclose(model.trainable_variables[1].value, [[10.0]])
+    np.testing.assert_allclose(model.trainable_variables[0].value, [8.0, 0.0])  # the raw weights are back
+
+
+def test_resume_with_ema_matches_an_uninterrupted_run_and_saves_the_averaged_weights(data, tmp_path):
+    from geoseg.models import load_bundle
+
+    _, scenes = data
+    cfg = TrainConfig(images=[str(scenes[0][0])], labels=[str(scenes[0][1])], epochs=3, steps_per_epoch=5,
+                      ema=0.9, patience=0, **TINY)
+    reference = train(cfg, tmp_path / "ref.keras")
+    raw = train(dataclasses.replace(cfg, ema=0.0), tmp_path / "raw.keras")
+    out = tmp_path / "run.keras"
+
+    _interrupt_in_epoch_3(cfg, out)
+    assert any(p.name.endswith(".ema.npz") for p in resume_dir_for(out).iterdir())
+    resumed = train(cfg, out, resume=True)
+    assert resumed.resumed_from == 2 and _rows(resumed.log) == _rows(reference.log)
+    a, b = load_bundle(out).model, load_bundle(tmp_path / "ref.keras").model
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
+    # the same steps without averaging end on other weights: the bundle holds the average
+    c = load_bundle(tmp_path / "raw.keras").model
+    assert any(not np.allclose(wa, wc, atol=1e-6) for wa, wc in zip(a.get_weights(), c.get_weights()))
+
+
+def test_val_average_datasets_scores_each_dataset_on_its_own_and_picks_by_their_mean(data, tmp_path):
+    folder, scenes = data
+    c = make_scene(folder, "c", 7, size=96, n=4)  # a small validation scene with few buildings
+    d = make_scene(folder, "d", 8, size=96, n=12)
+    cfg = TrainConfig(images=[str(scenes[0][0])], labels=[str(scenes[0][1])], val_images=[str(c[0])],
+                      val_labels=[str(c[1])], epochs=3, steps_per_epoch=5, val_average="datasets", patience=0,
+                      datasets=({"images": [str(scenes[1][0])], "labels": [str(scenes[1][1])], "val_images": [str(d[0])],
+                                 "val_labels": [str(d[1])], "name": "other"},), **TINY)
+    result = train(cfg, tmp_path / "m.keras")
+    with open(result.log) as f:
+        rows = list(csv.DictReader(f))
+    assert {"val_miou_top-level", "val_miou_other", "val_score", "val_miou"} <= set(rows[0])
+    for r in rows:
+        assert float(r["val_score"]) == pytest.approx((float(r["val_miou_top-level"]) + float(r["val_miou_other"])) / 2,
+                                                      abs=2e-6)
+    best = max(rows, key=lambda r: float(r["val_score"]))
+    assert int(best["epoch"]) == result.best_epoch
+    assert result.best_val_miou == pytest.approx(float(best["val_score"]), abs=1e-6)
+    with pytest.raises(InputError, match="--val-average"):
+        train(dataclasses.replace(cfg, val_average="scenes"), tmp_path / "n.keras")
+    with pytest.raises(InputError, match="--ema"):
+        train(dataclasses.replace(cfg, ema=1.0), tmp_path / "n.keras")
 
 
 def test_init_from_fine_tunes_a_bundle_from_its_weights_and_normalisation(trained, data, tmp_path):
@@ -283,6 +363,22 @@ def test_augmentation_keeps_labels_aligned_and_is_seeded():
     np.testing.assert_array_equal(a1[0], a2[0])
     assert np.ptp(a1[0], axis=-1).max() == 0  # grayscale: every band equal
     assert a1[0].min() >= 0 and a1[0].max() <= 255
+
+
+def test_band_gain_tints_each_chip_by_its_own_per_band_factors():
+    x = np.full((64, 8, 8, 3), 100.0, np.float32)
+    y = np.zeros((64, 8, 8), np.uint8)
+    gain = Augment(flips=False, brightness=0, contrast=0, grayscale=0, blur=0, band_gain=0.2)
+    xa, _ = augment_batch(x.copy(), y, np.random.default_rng(2), gain, lo=np.zeros(3), hi=np.full(3, 255.0))
+    factors = xa[:, 0, 0, :] / 100
+    assert factors.min() >= 0.8 - 1e-6 and factors.max() <= 1.2 + 1e-6
+    assert np.ptp(xa, axis=(1, 2)).max() == 0  # one factor per chip and band, not per pixel
+    assert np.ptp(factors, axis=1).mean() > 0.1  # the bands of a chip get different factors: a colour cast
+    off = Augment(flips=False, brightness=0, contrast=0, grayscale=0, blur=0)
+    np.testing.assert_array_equal(augment_batch(x.copy(), y, np.random.default_rng(2), off, lo=np.zeros(3),
+                                                hi=np.full(3, 255.0))[0], x)
+    with pytest.raises(InputError, match="--band-gain"):
+        Augment(band_gain=1.5)
 
 
 def test_sample_weights_set_each_scene_s_share_of_the_chips():

@@ -103,6 +103,14 @@ def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
 @click.option("--class-weights", default=None, metavar="W0,W1,...", help="One weight per class for the loss.")
 @click.option("--patience", type=int, default=10, show_default=True,
               help="Stop after this many epochs without a better validation IoU (0: never).")
+@click.option("--ema", type=float, default=0.0, show_default=True, metavar="MOMENTUM",
+              help="Validate and save a moving average of the weights (momentum per step, e.g. 0.995: about the "
+                   "last 200 steps); steadier than the last step's weights when the validation IoU jumps between "
+                   "epochs. 0: off.")
+@click.option("--val-average", type=click.Choice(["pixels", "datasets"]), default="pixels", show_default=True,
+              help="Pick the best epoch by the validation IoU over all pixels pooled, or by the mean of each "
+                   "dataset's (the top-level images are one dataset, each [[datasets]] table another), so a small "
+                   "validation set weighs as much as a large one.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--flips/--no-flips", default=True, show_default=True, help="Random flips and 90° turns.")
 @click.option("--scale-jitter", type=float, default=1.6, show_default=True,
@@ -113,6 +121,8 @@ def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
               help="Probability of a grayscale chip (so the model also serves panchromatic imagery).")
 @click.option("--blur", type=float, default=0.2, show_default=True,
               help="Probability of losing resolution (down 1-3x and back up).")
+@click.option("--band-gain", type=float, default=0.0, show_default=True,
+              help="Per-band gain drawn from [1-g, 1+g] (colour casts: white balance, rusty or faded roofs).")
 @click.option("--tile-size", type=int, default=512, show_default=True, help="Default tile size stored for predict.")
 @click.option("--overlap", type=int, default=128, show_default=True, help="Default overlap stored for predict.")
 @click.option("--name", default=None, help="Model name in the bundle. Default: the output's file name.")
