@@ -244,7 +244,7 @@ class TrainResult:
     name: str
     classes: list[str]
     best_epoch: int
-    best_val_miou: float | None  # mean foreground IoU on the validation areas at the best epoch
+    best_val_miou: float | None  # the best epoch's score: mean foreground IoU (pooled, or the datasets' mean with --val-average datasets)
     val_iou: dict[str, float | None]
     epochs_run: int
     stopped: str  # "completed" | "early_stopping" | "time_budget"
