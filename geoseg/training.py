@@ -1410,8 +1410,9 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
                                  "best_epoch": best_epoch, "lr": lr}))
         per_group = "".join(f"; {group_names[g]} mIoU {_miou(group_iou[g]):.3f}" for g in scored_groups) \
             if len(scored_groups) > 1 else ""
-        log.info("epoch %d/%d: loss %.4f, val loss %.4f, val IoU %s%s, %.0f s", epoch, cfg.epochs, row["train_loss"], val_loss,
-                 " ".join(f"{n}={v:.3f}" for n, v in zip(class_names, iou)), per_group, seconds)
+        scores = (f"val loss {val_loss:.4f}, val IoU " + " ".join(f"{n}={v:.3f}" for n, v in zip(class_names, iou))
+                  + per_group) if val_batches else "no validation"
+        log.info("epoch %d/%d: loss %.4f, %s, %.0f s", epoch, cfg.epochs, row["train_loss"], scores, seconds)
         if val_batches and cfg.patience and waited >= cfg.patience:
             stopped = "early_stopping"
             break

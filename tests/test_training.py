@@ -254,6 +254,20 @@ def test_val_average_datasets_scores_each_dataset_on_its_own_and_picks_by_their_
         train(dataclasses.replace(cfg, ema=1.0), tmp_path / "n.keras")
 
 
+def test_without_validation_the_last_epoch_is_kept_and_the_log_says_so(data, tmp_path, caplog):
+    _, scenes = data
+    cfg = TrainConfig(images=[str(scenes[0][0])], labels=[str(scenes[0][1])], epochs=2, steps_per_epoch=3,
+                      val_fraction=0, ema=0.9, **TINY)
+    with caplog.at_level("INFO", logger="geoseg"):
+        result = train(cfg, tmp_path / "m.keras")
+    assert result.best_epoch == 2 and result.best_val_miou is None and result.pixels["val"] == 0
+    assert "no validation pixels" in caplog.text
+    epoch_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(epoch_lines) == 2 and all("no validation" in m and "nan" not in m for m in epoch_lines)
+    rows = _rows(result.log)
+    assert [r["val_miou"] for r in rows] == ["", ""]
+
+
 def test_init_from_fine_tunes_a_bundle_from_its_weights_and_normalisation(trained, data, tmp_path):
     start, result, _ = trained
     _, scenes = data
