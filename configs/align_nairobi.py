@@ -47,11 +47,13 @@ FACTOR = 4  # 7.46 cm -> 0.30 m, the model's GSD
 
 
 def probabilities(model: str, block: int) -> Path:
-    probs = OUT / f"probs{block}.tif"
+    """The model's probabilities on a block, kept per model (a rerun with other --neighbours reuses them)."""
+    tag = f"{block}-{Path(model).stem}"
+    probs = OUT / f"probs{tag}.tif"
     if not probs.exists():
         geoseg = str(Path(sys.executable).with_name("geoseg"))
         subprocess.run([geoseg, "-q", "predict", str(SRC / f"nairobi_ke_block{block}_z21_rgb.tif"), "-o",
-                        str(OUT / f"pred{block}.gpkg"), "--probs-out", str(probs), "--model", model,
+                        str(OUT / f"pred{tag}.gpkg"), "--probs-out", str(probs), "--model", model,
                         "--precision", "float32", "--overwrite"], check=True)
     return probs
 
