@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 
 import numpy as np
 import pyogrio
@@ -375,13 +376,17 @@ def test_a_polygonizing_error_stops_the_model_and_reaches_the_caller(tmp_path, m
     from geoseg import polygons
 
     calls = []
+    failed = threading.Event()
 
     class Counting:
         def predict_on_batch(self, x):
             calls.append(len(x))
+            if len(calls) == 40:  # rows enough to polygonize are out: on a loaded CPU, let that thread run
+                failed.wait(timeout=30)
             return np.zeros(x.shape[:3] + (4,), np.float32)
 
     def broken(*args, **kwargs):
+        failed.set()
         raise OutputError("polygonizing failed on purpose")
 
     monkeypatch.setattr(polygons, "_STRIP_PIXELS", 64 * 8)
