@@ -166,22 +166,27 @@ class StripAccumulator:
 
     def add(self, tile: Tile, logits: np.ndarray, valid: np.ndarray) -> None:
         """Add one tile's ``(size, size, classes)`` logits and its ``(size, size)`` valid mask."""
-        if tile.row < self.top:
+        first = max(tile.row, 0)  # a crop's tile may start above it (tiling.plan_tiles(window=...))
+        if first < self.top:
             raise ValueError(f"tile {tile.index} at row {tile.row} arrived after row {self.top} was flushed")
-        if tile.row > self.top:
-            self._flush(tile.row)
-        h = min(tile.size, self.height - tile.row)
+        if first > self.top:
+            self._flush(first)
+        skip = first - tile.row  # the tile's rows above the scene
+        h = min(tile.row + tile.size, self.height) - first
+        if h <= 0:
+            return
         c0 = max(tile.col, self.col_off)  # scene columns of the tile inside this accumulator
         c1 = min(tile.col + tile.size, self.col_off + self.width)
         if c1 <= c0:
             return
-        r0 = tile.row - self.top
+        r0 = first - self.top
         rows, cols = slice(r0, r0 + h), slice(c0 - self.col_off, c1 - self.col_off)
+        tr = slice(skip, skip + h)  # the same rows in the tile
         tc = slice(c0 - tile.col, c1 - tile.col)  # the same columns in the tile
-        win = self.window[:h, tc]
-        self.acc[rows, cols] += logits[:h, tc] * win[..., None]
+        win = self.window[tr, tc]
+        self.acc[rows, cols] += logits[tr, tc] * win[..., None]
         self.wsum[rows, cols] += win
-        self.valid[rows, cols] |= valid[:h, tc]
+        self.valid[rows, cols] |= valid[tr, tc]
 
     def finish(self) -> None:
         """Flush every remaining row."""

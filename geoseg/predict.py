@@ -88,6 +88,7 @@ class PredictResult:
     area_m2: dict[str, float] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     centerlines: dict | None = None  # centrelines.Centrelines.summary() of the road_centerline layer
+    aoi: str | None = None  # the --aoi file; width and height are then those of its bounding box
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,9 +123,11 @@ def match_bands(info: SceneInfo, model_bands: tuple[str, ...]) -> int:
 
 
 def effective_tiling(info: SceneInfo, *, tile_size: int, overlap: int, multiple: int) -> tuple[int, int]:
-    """Shrink the tile for a scene smaller than one tile (one tile, less padding)."""
+    """Shrink the tile for a scene smaller than one tile (one tile, less padding). A crop is tiled
+    as its parent is."""
     check_tiling(tile_size=tile_size, overlap=overlap, size_multiple=multiple)
-    longest = max(info.width, info.height)
+    grid = info.parent if info.parent is not None else info
+    longest = max(grid.width, grid.height)
     if longest < tile_size:
         tile_size = max(multiple, -(-longest // multiple) * multiple)
         overlap = min(overlap, tile_size // 2)
@@ -188,10 +191,12 @@ def iter_batches(
             by_row[t.row].append(t)
         for r in row_starts:
             data, valid = reader.read(r, r + size, c_min, c_max)
+            area = reader.area(r, r + size, c_min, c_max)  # a crop's own pixels (None: all)
             for t in by_row[r]:
                 c = t.col - c_min
                 v = valid[:, c : c + size]
-                if not v.any():
+                out = v if area is None else v & area[:, c : c + size]
+                if not out.any():
                     skipped.append(t.index)
                     continue
                 x = data[:, c : c + size].astype(np.float32)
@@ -200,7 +205,7 @@ def iter_batches(
                 if repeat > 1:
                     x = np.repeat(x, repeat, axis=-1)
                 x[~v] = fill  # invalid pixels become the band means: 0 after normalisation
-                pending.append((t, x, v))
+                pending.append((t, x, out))  # pixels outside a crop's area are context, not output
                 if len(pending) == batch_size:
                     yield emit()
         if pending:
@@ -480,7 +485,11 @@ def run_model(
     """
     meta = bundle.meta
     repeat = match_bands(info, meta.bands)
-    tiles = plan_tiles(info.height, info.width, tile_size=tile_size, overlap=overlap)
+    if info.parent is None:
+        tiles = plan_tiles(info.height, info.width, tile_size=tile_size, overlap=overlap)
+    else:  # a crop runs its parent's tiles, so it blends exactly as a run over the whole parent would
+        tiles = plan_tiles(info.parent.height, info.parent.width, tile_size=tile_size, overlap=overlap,
+                           window=(info.row_off, info.row_off + info.height, info.col_off, info.col_off + info.width))
     fill = np.asarray(meta.mean, dtype=np.float32)
     window = weight_window(tile_size, kind=options.blend, overlap=overlap)
     chunks = column_chunks(info.width, options.chunk_width)
@@ -828,11 +837,14 @@ def predict(
     regularize: bool = False,
     centerlines: bool | None = None,
     centerline_options=None,
+    aoi: str | os.PathLike | None = None,
 ) -> PredictResult:
     """Segment ``scene`` and write the GeoPackage ``output`` (and optional rasters), all or nothing.
     ``regularize``: straight, right-angled outlines for the ``building`` class (``geoseg.regularize``).
     ``centerlines``: a ``road_centerline`` line layer too (``geoseg.centrelines``; None: when the model
-    has a class named ``centerline_options.class_name``, default ``road``)."""
+    has a class named ``centerline_options.class_name``, default ``road``). ``aoi``: polygons (any
+    vector file, any CRS) outside which nothing is written (``geoseg.aoi``); the outputs cover their
+    bounding box."""
     from geoseg import centrelines as roads
     from geoseg import outputs, polygons
 
@@ -845,6 +857,10 @@ def predict(
         if path is not None and Path(path).suffix.lower() not in (".tif", ".tiff"):
             raise InputError(f"{what} {path}: raster outputs are GeoTIFFs; use a name ending in .tif")
     info = open_scene(scene, bands=options.bands, assume_crs=options.assume_crs)
+    if aoi is not None:
+        from geoseg.aoi import restrict
+
+        info = restrict(info, aoi)
     # Fail on outputs before any heavy work.
     for path in (output, raster_out, probs_out):
         if path is not None:
@@ -933,6 +949,8 @@ def predict(
             "model_path": str(bundle.path),
             "scene": str(Path(info.path).resolve()),
             "scene_sha256": scene_hash.result(),
+            **({"aoi": str(Path(aoi).resolve()), "aoi_window": f"rows {info.row_off}-{info.row_off + info.height}, "
+                f"columns {info.col_off}-{info.col_off + info.width} of the scene"} if aoi is not None else {}),
             "tile_size": str(seg.tile_size),
             "overlap": str(seg.overlap),
             "batch_size": str(options.batch_size),
@@ -994,4 +1012,5 @@ def predict(
         pixels=seg.pixels,
         timings_s=timings,
         centerlines=lines,
+        aoi=str(aoi) if aoi is not None else None,
     )

@@ -46,6 +46,12 @@ class SceneInfo:
     alpha_band: int | None
     gsd: float  # metres per pixel on the ground, at the scene's centre
     resampled: bool = False  # True: width/height/transform describe a grid the file is warped onto
+    # A window of another grid (``crop``): rows and columns start at (row_off, col_off) of ``parent``,
+    # which reads them, with real pixels around the window for the model's context.
+    parent: "SceneInfo | None" = None
+    row_off: int = 0
+    col_off: int = 0
+    aoi: object | None = None  # shapely polygons in ``crs`` (geoseg.aoi): outputs only where pixel centres are inside
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -211,11 +217,16 @@ def open_scene(path: str | os.PathLike, *, bands: tuple[int, ...] | None = None,
 class SceneReader:
     """Reads boundless windows of one scene through its own dataset handle.
 
-    Use one reader per thread: a rasterio dataset must not be shared between threads.
+    Use one reader per thread: a rasterio dataset must not be shared between threads. A crop
+    (``crop``) is read through its parent's reader: its windows may reach past the crop's edge into
+    the parent's real pixels (context for the model); ``area`` says which pixels are the crop's.
     """
 
     def __init__(self, info: SceneInfo) -> None:
         self.info = info
+        self._parent = SceneReader(info.parent) if info.parent is not None else None
+        if self._parent is not None:
+            return
         self._file = open_dataset(info.path)
         self._ds = self._file
         if info.resampled:
@@ -231,6 +242,9 @@ class SceneReader:
             )
 
     def close(self) -> None:
+        if self._parent is not None:
+            self._parent.close()
+            return
         if self._ds is not self._file:
             self._ds.close()
         self._file.close()
@@ -241,10 +255,28 @@ class SceneReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def area(self, row0: int, row1: int, col0: int, col1: int) -> np.ndarray | None:
+        """For a crop, which pixels of a window are its own: inside its grid and, with an area of
+        interest, with their centre inside the area (``geoseg.aoi``). None: every pixel (no crop)."""
+        info = self.info
+        if info.parent is None:
+            return None
+        inside = np.zeros((row1 - row0, col1 - col0), dtype=bool)
+        inside[max(0, -row0) : max(0, info.height - row0), max(0, -col0) : max(0, info.width - col0)] = True
+        if info.aoi is not None and inside.any():
+            from geoseg.aoi import mask
+
+            inside &= mask(info.aoi, info.transform, row0, row1, col0, col1)
+        return inside
+
     def read_valid(self, row0: int, row1: int, col0: int, col1: int) -> np.ndarray:
         """Only the valid mask of a window (see ``read``), without reading the image bands when the
-        mask does not depend on them (a mask band or alpha, or no nodata at all in integer data)."""
+        mask does not depend on them (a mask band or alpha, or no nodata at all in integer data).
+        For a crop, only its own pixels (``area``) are valid."""
         info = self.info
+        if self._parent is not None:
+            dr, dc = info.row_off, info.col_off
+            return self._parent.read_valid(row0 + dr, row1 + dr, col0 + dc, col1 + dc) & self.area(row0, row1, col0, col1)
         if info.mask_kind == "nodata" or np.dtype(info.dtype).kind == "f":
             return self.read(row0, row1, col0, col1)[1]
         valid = np.zeros((row1 - row0, col1 - col0), dtype=bool)
@@ -269,9 +301,14 @@ class SceneReader:
         """Pixels ``(rows, cols, bands)`` in the scene's dtype and a boolean valid mask ``(rows, cols)``.
 
         The window is half-open and may extend past any edge; outside pixels are 0 and invalid.
-        Non-finite float values are set to 0 and marked invalid.
+        Non-finite float values are set to 0 and marked invalid. For a crop, the window is read from
+        its parent, so pixels past the crop's edge (or outside its area of interest) are real and
+        valid here: they are context; ``area`` tells the crop's own pixels.
         """
         info = self.info
+        if self._parent is not None:
+            dr, dc = info.row_off, info.col_off
+            return self._parent.read(row0 + dr, row1 + dr, col0 + dc, col1 + dc)
         h, w = row1 - row0, col1 - col0
         nb = len(info.bands)
         data = np.zeros((h, w, nb), dtype=info.dtype)
@@ -312,14 +349,55 @@ class SceneReader:
         return data, valid
 
 
+def crop(info: SceneInfo, row0: int, row1: int, col0: int, col1: int, *, aoi: object | None = None) -> SceneInfo:
+    """The window rows ``row0:row1``, columns ``col0:col1`` of ``info`` as a grid of its own (same
+    pixels, shifted transform), read through ``info`` (see ``SceneReader``). ``aoi``: polygons in
+    the scene's CRS outside which nothing is output (``geoseg.aoi``)."""
+    if not (0 <= row0 < row1 <= info.height and 0 <= col0 < col1 <= info.width):
+        raise ValueError(f"window rows {row0}:{row1}, columns {col0}:{col1} is not inside {info.height}x{info.width}")
+    parent, dr, dc = info, row0, col0
+    if info.parent is not None:  # a crop of a crop is a crop of the first grid
+        parent, dr, dc = info.parent, info.row_off + row0, info.col_off + col0
+        aoi = info.aoi if aoi is None else aoi
+    return dataclasses.replace(info, width=col1 - col0, height=row1 - row0,
+                               transform=info.transform * rasterio.Affine.translation(col0, row0),
+                               parent=parent, row_off=dr, col_off=dc, aoi=aoi)
+
+
+def window_of(info: SceneInfo, left: float, bottom: float, right: float, top: float) -> tuple[int, int, int, int] | None:
+    """Rows and columns ``(row0, row1, col0, col1)`` of ``info``'s grid that cover the bounds (in its
+    CRS), clipped to the grid; None when they do not overlap it."""
+    inverse = ~info.transform
+    cols, rows = zip(*(inverse * (x, y) for x in (left, right) for y in (bottom, top)))
+    c0, c1 = max(0, math.floor(min(cols) + 1e-9)), min(info.width, math.ceil(max(cols) - 1e-9))
+    r0, r1 = max(0, math.floor(min(rows) + 1e-9)), min(info.height, math.ceil(max(rows) - 1e-9))
+    return (r0, r1, c0, c1) if r0 < r1 and c0 < c1 else None
+
+
 def at_gsd(info: SceneInfo, gsd: float) -> SceneInfo:
     """The same scene on a grid of ``gsd`` metres per pixel (same CRS, same extent, north-up).
 
     Reads of the returned SceneInfo are warped on the fly (bilinear for imagery); the nodata mask is
-    warped with it. Used to bring a scene to a model's training GSD.
+    warped with it. Used to bring a scene to a model's training GSD. A crop becomes the matching
+    window of its parent at that GSD (context around it stays readable).
     """
     if gsd <= 0:
         raise InputError(f"a ground sample distance must be positive, got {gsd}")
+    if info.parent is not None:
+        whole = at_gsd(info.parent, gsd)
+        window = window_of(whole, *rasterio.transform.array_bounds(info.height, info.width, info.transform))
+        if window is None:  # cannot happen for a window of the parent; kept as a clear failure
+            raise ValueError("a crop outside its parent")
+        # two coarse pixels more on each side: bilinear resampling back onto the crop needs them
+        r0, r1, c0, c1 = window
+        window = (max(0, r0 - 2), min(whole.height, r1 + 2), max(0, c0 - 2), min(whole.width, c1 + 2))
+        aoi = info.aoi
+        if aoi is not None:  # one coarse pixel more, so that every fine pixel inside gets a value back
+            import shapely
+
+            aoi = shapely.buffer(aoi, 1.5 * abs(whole.transform.a))
+            shapely.prepare(aoi)
+        return crop(whole, *window, aoi=aoi)
     scale = gsd / info.gsd
     width = max(1, int(round(info.width / scale)))
     height = max(1, int(round(info.height / scale)))

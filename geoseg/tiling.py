@@ -22,8 +22,9 @@ class Tile:
     """One model window and its core, in scene pixel coordinates (rows and columns).
 
     ``row, col`` is the tile's top-left corner; the tile spans ``size`` rows and columns and may
-    extend past the scene's bottom or right edge when the scene is smaller than a tile.
-    ``core`` is ``(row0, row1, col0, col1)``, half-open, always inside the scene.
+    extend past the scene's bottom or right edge when the scene is smaller than a tile, and past
+    any edge of a crop (``plan_tiles(window=...)``). ``core`` is ``(row0, row1, col0, col1)``,
+    half-open, always inside the scene (or crop; there some cores may be empty).
     """
 
     index: int
@@ -80,16 +81,31 @@ def check_tiling(*, tile_size: int, overlap: int, size_multiple: int = 1) -> Non
         )
 
 
-def plan_tiles(height: int, width: int, *, tile_size: int, overlap: int) -> list[Tile]:
-    """All tiles of a ``height`` x ``width`` scene, in row-major order (the order blending needs)."""
+def plan_tiles(height: int, width: int, *, tile_size: int, overlap: int,
+               window: tuple[int, int, int, int] | None = None) -> list[Tile]:
+    """All tiles of a ``height`` x ``width`` scene, in row-major order (the order blending needs).
+
+    ``window`` ``(row0, row1, col0, col1)``: only the scene's tiles that overlap that window, in
+    the window's own coordinates (a crop of the scene, ``scene.crop``): the same tiles, so the crop
+    blends exactly as the whole scene does there. They may then start above or left of the window
+    (negative ``row``/``col``); their cores are clipped to it and still partition it.
+    """
     rows = axis_starts(height, tile_size=tile_size, overlap=overlap)
     cols = axis_starts(width, tile_size=tile_size, overlap=overlap)
     row_cores = axis_cores(height, rows, tile_size=tile_size)
     col_cores = axis_cores(width, cols, tile_size=tile_size)
+    wr0, wr1, wc0, wc1 = window if window is not None else (0, height, 0, width)
     tiles = []
     for r, (r0, r1) in zip(rows, row_cores):
+        if r >= wr1 or r + tile_size <= wr0:
+            continue
         for c, (c0, c1) in zip(cols, col_cores):
-            tiles.append(Tile(index=len(tiles), row=r, col=c, size=tile_size, core=(r0, r1, c0, c1)))
+            if c >= wc1 or c + tile_size <= wc0:
+                continue
+            a, b = max(r0, wr0) - wr0, max(r0, wr0, min(r1, wr1)) - wr0  # empty when the core is outside
+            d, e = max(c0, wc0) - wc0, max(c0, wc0, min(c1, wc1)) - wc0
+            core = (a, b, d, e)
+            tiles.append(Tile(index=len(tiles), row=r - wr0, col=c - wc0, size=tile_size, core=core))
     return tiles
 
 

@@ -18,6 +18,10 @@ from geoseg.cli.options import (
               help="Also write the class raster as a Cloud-Optimized GeoTIFF (with a QGIS .qml style).")
 @click.option("--probs-out", type=click.Path(dir_okay=False), default=None,
               help="Also write per-class probabilities (float32 COG, one band per class).")
+@click.option("--aoi", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Segment only inside the polygons of FILE (GeoPackage, GeoJSON, shapefile; any CRS): the "
+                   "outputs cover their bounding box, nodata outside them; the pixels around still serve as "
+                   "the model's context.")
 @click.option("--min-area", "min_area_m2", default=None, metavar="M2|CLASS=M2,...",
               help="Drop polygons smaller than this many m²: one value for every class, or per class "
                    "(building=10,water=200). Default: the model's per-class values.")
@@ -35,13 +39,14 @@ from geoseg.cli.options import (
 @json_option
 @click.pass_context
 def predict(ctx: click.Context, scene: str, output: str, model: str | None, raster_out: str | None,
-            probs_out: str | None, min_area_m2: float | None, regularize: bool, polygonize: str, overwrite: bool,
-            as_json: bool, **inference) -> None:
+            probs_out: str | None, aoi: str | None, min_area_m2: float | None, regularize: bool, polygonize: str,
+            overwrite: bool, as_json: bool, **inference) -> None:
     """Segment SCENE and write polygons per class to a GeoPackage.
 
     \b
     geoseg predict scene.tif -o buildings.gpkg
     geoseg predict scene.tif -o out.gpkg --raster-out classes.tif --model my.keras
+    geoseg predict mosaic.tif -o district.gpkg --aoi district_boundary.geojson
     """
     from geoseg.predict import predict as run
 
@@ -52,7 +57,7 @@ def predict(ctx: click.Context, scene: str, output: str, model: str | None, rast
                                   **pop_cleanup_options(inference))
     with StageBars("predict", quiet=bool(ctx.obj.get("quiet"))) as progress:
         result = run(scene, output, model=model, raster_out=raster_out, probs_out=probs_out,
-                     options=options, overwrite=overwrite, progress=progress, regularize=regularize,
+                     options=options, overwrite=overwrite, progress=progress, regularize=regularize, aoi=aoi,
                      centerlines=centerlines, centerline_options=line_options)
     if as_json:
         echo_json(result.to_dict())
@@ -62,5 +67,6 @@ def predict(ctx: click.Context, scene: str, output: str, model: str | None, rast
         log.info("%s: %d polygons, %.1f m²", name, n, result.area_m2[name])
     if result.centerlines:
         log.info("road_centerline: {lines} lines, {length_m:.0f} m, {junctions} junctions".format(**result.centerlines))
-    log.info("wrote %s in %.1f s (%d tiles, %d skipped as nodata)", ", ".join(result.outputs.values()),
-             result.timings_s["total"], result.tiles["total"], result.tiles["skipped"])
+    log.info("wrote %s in %.1f s (%d tiles, %d skipped as nodata%s)", ", ".join(result.outputs.values()),
+             result.timings_s["total"], result.tiles["total"], result.tiles["skipped"],
+             " or outside the area of interest" if aoi else "")

@@ -1,0 +1,221 @@
+"""predict --aoi: only the area of interest is written, exactly as a run over the whole scene has it."""
+
+from __future__ import annotations
+
+import warnings
+
+import geopandas as gpd
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+import shapely
+from click.testing import CliRunner
+from rasterio.features import rasterize
+from rasterio.warp import transform_geom
+
+from geoseg.cli import cli
+from geoseg.errors import InputError
+from geoseg.predict import PredictOptions, predict
+from geoseg.scene import SceneReader, crop, open_scene
+from geoseg.tiling import plan_tiles
+from tests.conftest import shared, write_raster
+from tests.testmodels import blocky_labels, numpy_bundle
+
+
+class Smooth:
+    """Logits that depend on where a pixel sits in its tile and on its neighbours: a crop blends
+    like the whole scene only if it runs the same tiles over the same pixels."""
+
+    def predict_on_batch(self, x):
+        i = np.linspace(-1, 1, x.shape[1], dtype=np.float32)
+        ramp = (i[:, None] + i[None, :])[None, ..., None]
+        b = x[..., :1] / 3.0
+        near = np.roll(b, 3, axis=1) + np.roll(b, -2, axis=2)  # the model looks past each pixel
+        return np.concatenate([b + ramp, 1 - b - ramp + 0.3 * near, ramp * 0.3 + 0.2 * near, near - 0.5], axis=-1)
+
+
+def smooth_bundle():
+    bundle = numpy_bundle(classes=4)
+    object.__setattr__(bundle, "model", Smooth())
+    return bundle
+
+
+def write_area(path, polygons, crs="EPSG:4326", scene_crs="EPSG:32633"):
+    """Polygons given in the scene's CRS, written in ``crs``."""
+    geoms = [shapely.geometry.shape(transform_geom(scene_crs, crs, shapely.geometry.mapping(p))) for p in polygons]
+    gpd.GeoDataFrame({"name": [f"area{i}" for i in range(len(geoms))]}, geometry=geoms, crs=crs).to_file(path)
+    return path
+
+
+@pytest.fixture
+def scene(tmp_path):
+    labels = blocky_labels(140, 170, 4, np.random.default_rng(8), block=7)
+    path = write_raster(tmp_path / "scene.tif", labels.astype("uint8")[None])  # 0.5 m pixels from (500000, 5000000)
+    return path, labels
+
+
+def run(scene, out, *, aoi=None, bundle=None, **opts):
+    bundle = bundle or smooth_bundle()
+    result = predict(scene, out.with_suffix(".gpkg"), raster_out=out.with_suffix(".tif"), probs_out=out.with_name(out.stem + "_p.tif"),
+                     bundle=bundle, aoi=aoi, options=PredictOptions(tile_size=32, overlap=8, **opts))
+    with rasterio.open(out.with_suffix(".tif")) as ds, rasterio.open(out.with_name(out.stem + "_p.tif")) as p:
+        return result, ds.read(1), p.read(), ds.transform
+
+
+def test_a_crop_reads_the_parents_real_pixels_past_its_edge(scene):
+    path, labels = scene
+    info = open_scene(path)
+    part = crop(info, 10, 30, 5, 45)
+    assert (part.width, part.height) == (40, 20)
+    assert part.transform == info.transform * rasterio.Affine.translation(5, 10)
+    with SceneReader(part) as reader:
+        data, valid = reader.read(-3, 23, -2, 42)
+        np.testing.assert_array_equal(data[..., 0], labels[7:33, 3:47])
+        assert valid.all()  # context: real pixels of the parent
+        own = reader.area(-3, 23, -2, 42)
+        assert own.sum() == 20 * 40 and own[3:23, 2:42].all()
+        assert reader.read_valid(-3, 23, -2, 42).sum() == 20 * 40
+    twice = crop(part, 5, 10, 10, 20)  # a crop of a crop reads from the first grid
+    assert twice.parent is info and (twice.row_off, twice.col_off) == (15, 15)
+
+
+@pytest.mark.parametrize("polygonize", ["after", "live"])
+def test_aoi_output_is_the_whole_scene_run_inside_the_area_and_nodata_outside(scene, tmp_path, polygonize):
+    path, labels = scene
+    x0, y0 = 500000, 5000000  # the scene's top-left corner; 0.5 m pixels
+    area = shapely.Polygon([(x0 + 12.3, y0 - 8.1), (x0 + 60.7, y0 - 20.2), (x0 + 30.2, y0 - 55.6)])
+    area_path = write_area(tmp_path / "area.geojson", [area])  # in EPSG:4326, reprojected by predict
+    whole, full_cls, full_p, full_t = run(path, tmp_path / "whole")
+    part, cls, probs, t = run(path, tmp_path / "part", aoi=area_path, polygonize=polygonize)
+
+    # the outputs cover the area's bounding box, on the scene's own pixel grid
+    r0, c0 = round((full_t.f - t.f) / 0.5), round((t.c - full_t.c) / 0.5)
+    assert t == full_t * rasterio.Affine.translation(c0, r0)
+    assert (r0, c0, part.height, part.width) == (16, 24, 96, 98) and cls.shape == (96, 98)
+    # written where a pixel's centre is inside the area (the area back in the scene's CRS), nodata elsewhere
+    back = shapely.geometry.shape(transform_geom("EPSG:4326", "EPSG:32633", gpd.read_file(area_path).geometry[0]))
+    inside = rasterize([(back, 1)], out_shape=cls.shape, transform=t).astype(bool)
+    np.testing.assert_array_equal(cls != 255, inside)
+    # ... with the very classes and probabilities of the run over the whole scene
+    window = (slice(r0, r0 + cls.shape[0]), slice(c0, c0 + cls.shape[1]))
+    np.testing.assert_array_equal(cls[inside], full_cls[window][inside])
+    np.testing.assert_allclose(probs[:, inside], full_p[:, window[0], window[1]][:, inside], atol=1e-6)
+    assert (probs[:, ~inside] == 0).all()
+    # tiles outside the area never reach the model
+    assert part.tiles["skipped"] > 0 and part.tiles["run"] <= whole.tiles["run"] / 2
+    assert part.aoi == str(area_path)
+    # polygons stay inside the area (to the pixel: their edges follow pixel edges)
+    polygons = [pyogrio.read_dataframe(tmp_path / "part.gpkg", layer=n).geometry for n in ("class1", "class2", "class3")]
+    assert sum(map(len, polygons)) > 10
+    for geoms in polygons:
+        assert shapely.union_all(geoms.values).difference(back.buffer(0.5)).area == pytest.approx(0)
+    from geoseg.outputs import read_run_metadata
+
+    assert read_run_metadata(tmp_path / "part.gpkg")["aoi"].endswith("area.geojson")
+
+
+def test_two_neighbouring_areas_meet_without_a_seam(scene, tmp_path):
+    path, _ = scene
+    x0, y0 = 500000, 5000000
+    left = shapely.box(x0 + 5, y0 - 60, x0 + 41.3, y0 - 3)
+    right = shapely.box(x0 + 41.3, y0 - 60, x0 + 80, y0 - 3)
+    _, full_cls, _, full_t = run(path, tmp_path / "whole")
+    joined = np.full_like(full_cls, 255)
+    for name, box in (("left", left), ("right", right)):
+        _, cls, _, t = run(path, tmp_path / name, aoi=write_area(tmp_path / f"{name}_area.gpkg", [box], crs="EPSG:32633"))
+        r0, c0 = round((full_t.f - t.f) / 0.5), round((t.c - full_t.c) / 0.5)
+        view = joined[r0 : r0 + cls.shape[0], c0 : c0 + cls.shape[1]]
+        assert not ((view != 255) & (cls != 255)).any()  # no pixel written twice
+        view[cls != 255] = cls[cls != 255]
+    both = joined != 255
+    assert both.sum() == round((80 - 5) / 0.5) * round((60 - 3) / 0.5)  # no pixel lost on the shared edge
+    np.testing.assert_array_equal(joined[both], full_cls[both])
+
+
+def test_aoi_on_a_scene_read_resampled_matches_the_whole_scene_run(tmp_path):
+    labels = blocky_labels(256, 192, 4, np.random.default_rng(2), block=32)
+    transform = rasterio.transform.from_origin(500000, 5000000, 0.125, 0.125)
+    path = write_raster(tmp_path / "fine.tif", labels.astype("uint8")[None], transform=transform)
+    area = shapely.Point(500000 + 12, 5000000 - 15).buffer(7)
+    area_path = write_area(tmp_path / "a.gpkg", [area])
+    bundle = numpy_bundle(gsd=0.5, gsd_range=(0.4, 0.6))
+    _, full_cls, full_p, _ = run(path, tmp_path / "whole", bundle=bundle)
+    part, cls, probs, t = run(path, tmp_path / "part", aoi=area_path, bundle=numpy_bundle(gsd=0.5, gsd_range=(0.4, 0.6)))
+    r0, c0 = round((5000000 - t.f) / 0.125), round((t.c - 500000) / 0.125)
+    inside = cls != 255
+    assert inside.sum() == pytest.approx(np.pi * 7**2 / 0.125**2, rel=0.01)  # every fine pixel of the circle
+    window = (slice(r0, r0 + cls.shape[0]), slice(c0, c0 + cls.shape[1]))
+    np.testing.assert_array_equal(cls[inside], full_cls[window][inside])
+    np.testing.assert_allclose(probs[:, inside], full_p[:, window[0], window[1]][:, inside], atol=1e-6)
+    assert (part.width, part.height) == (112, 112)  # the circle's 14 m box at 0.125 m
+
+
+@pytest.mark.parametrize("case, message", [
+    ("elsewhere", "does not overlap scene.tif"),
+    ("lines", "holds no polygons (LineString)"),
+    ("no_crs", "has no CRS"),
+    ("missing", "no such file"),
+    ("not_vectors", "cannot be read as vectors"),
+    ("tiny", "covers no pixel centre"),
+])
+def test_bad_areas_fail_before_the_model_with_one_line(scene, tmp_path, case, message):
+    path, _ = scene
+    x0, y0 = 500000, 5000000
+    area = tmp_path / "area.gpkg"
+    if case == "elsewhere":
+        write_area(area, [shapely.box(x0 + 500, y0 - 60, x0 + 580, y0 - 3)])
+    elif case == "lines":
+        gpd.GeoDataFrame(geometry=[shapely.LineString([(x0, y0 - 5), (x0 + 20, y0 - 30)])], crs="EPSG:32633").to_file(area)
+    elif case == "no_crs":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # pyogrio warns that the file will have no CRS
+            gpd.GeoDataFrame(geometry=[shapely.box(x0 + 5, y0 - 60, x0 + 41, y0 - 3)]).to_file(area)
+    elif case == "not_vectors":
+        area.write_text("not a GeoPackage")
+    elif case == "tiny":  # inside one pixel, away from its centre
+        write_area(area, [shapely.box(x0 + 10.01, y0 - 10.2, x0 + 10.2, y0 - 10.01)], crs="EPSG:32633")
+    calls = []
+    bundle = numpy_bundle(classes=4)
+    object.__setattr__(bundle.model, "predict_on_batch", lambda x: calls.append(x) or np.zeros(x.shape[:3] + (4,)))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        predict(path, tmp_path / "o.gpkg", raster_out=tmp_path / "o_classes.tif", bundle=bundle, aoi=area)
+    assert not calls and sorted(p.name for p in tmp_path.iterdir()) == before
+    result = CliRunner().invoke(cli, ["predict", str(path), "-o", str(tmp_path / "o.gpkg"), "--aoi", str(area)])
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+def test_tiles_of_a_window_are_the_scenes_tiles_that_touch_it():
+    whole = plan_tiles(300, 200, tile_size=64, overlap=16)
+    part = plan_tiles(300, 200, tile_size=64, overlap=16, window=(70, 150, 30, 199))
+    touching = [t for t in whole if t.row < 150 and t.row + 64 > 70 and t.col < 199 and t.col + 64 > 30]
+    assert [(t.row - 70, t.col - 30) for t in touching] == [(t.row, t.col) for t in part]
+    # the clipped cores still partition the window
+    owner = np.zeros((80, 169), int)
+    for t in part:
+        r0, r1, c0, c1 = t.core
+        owner[r0:r1, c0:c1] += 1
+    assert (owner == 1).all()
+
+
+def test_aoi_on_a_real_drone_block_with_the_default_model(tmp_path):
+    """Real imagery (7.5 cm, read at the model's 0.3 m), the bundled model, an area in another CRS."""
+    scene = shared("buildings-oam-train", "mosaics", "2-kampala_ug", "kampala_ug_block1_z21_rgb.tif")
+    with rasterio.open(scene) as ds:
+        b = ds.bounds
+        cx, cy = (b.left + b.right) / 2, (b.bottom + b.top) / 2
+        diamond = shapely.Polygon([(cx - 30, cy), (cx, cy + 25), (cx + 30, cy), (cx, cy - 25)])
+        crs = ds.crs.to_string()
+    area = write_area(tmp_path / "area.geojson", [diamond], scene_crs=crs)
+    for name, aoi in (("whole", None), ("part", area)):
+        result = CliRunner().invoke(cli, ["predict", str(scene), "-o", str(tmp_path / f"{name}.gpkg"), "--raster-out",
+                                          str(tmp_path / f"{name}.tif")] + (["--aoi", str(aoi)] if aoi else []))
+        assert result.exit_code == 0, result.output
+    with rasterio.open(tmp_path / "whole.tif") as w, rasterio.open(tmp_path / "part.tif") as p:
+        window = rasterio.windows.from_bounds(*p.bounds, w.transform).round_offsets().round_lengths()
+        full, cls = w.read(1, window=window), p.read(1)
+    inside = cls != 255
+    assert 0.4 < inside.mean() < 0.6  # a diamond fills half its box
+    assert (cls[inside] == 1).mean() > 0.2  # Kampala block 1 is dense: buildings inside the area
+    np.testing.assert_array_equal(cls[inside], full[inside])
