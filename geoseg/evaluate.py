@@ -694,6 +694,8 @@ def reference_road_lines(labels: str | os.PathLike, grid, *, class_names: Sequen
     lines = gdf.geometry.to_crs(grid.crs)
     left, bottom, right, top = rasterio.transform.array_bounds(grid.height, grid.width, grid.transform)
     clipped = shapely.clip_by_rect(lines.values, left, bottom, right, top)
+    if getattr(grid, "aoi", None) is not None:  # an area of interest (geoseg.aoi): only the lines inside
+        clipped = shapely.intersection(clipped, grid.aoi)
     keep = ~shapely.is_empty(clipped)
     return gpd.GeoSeries(clipped[keep], crs=grid.crs)
 
@@ -720,6 +722,7 @@ def evaluate(
     road_class_name: str = "road",
     centreline_options=None,
     progress: Progress | None = None,
+    aoi: str | os.PathLike | None = None,
 ) -> EvaluationResult:
     """Segment ``scene`` with a model (``bundle``, or ``model``: a name or path, default the
     built-in one) into a temporary folder and score the class raster against ``labels``.
@@ -731,7 +734,8 @@ def evaluate(
 
     Labels are checked (CRS, overlap, class values) before the model runs. Predicted polygons
     below the model's per-class minimum area (or ``options.min_area_m2``) are dropped before
-    object matching, as in ``geoseg predict``.
+    object matching, as in ``geoseg predict``. ``aoi``: score only inside these polygons (any
+    vector file, any CRS; ``geoseg.aoi``), for labels that are complete only there.
     """
     from geoseg.models.bundle import load_bundle, read_meta, resolve_model
     from geoseg.predict import check_options, min_areas, segment, thresholds
@@ -742,6 +746,10 @@ def evaluate(
     if not 0 < iou_threshold <= 1:
         raise InputError(f"the object IoU threshold must be in (0, 1], got {iou_threshold}")
     info = open_scene(scene, bands=options.bands, assume_crs=options.assume_crs)
+    if aoi is not None:
+        from geoseg.aoi import restrict
+
+        info = restrict(info, aoi)
     model_path = None
     if bundle is None:
         model_path = resolve_model(None if model is None else str(model))

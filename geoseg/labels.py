@@ -29,7 +29,7 @@ from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
 from geoseg.errors import InputError
-from geoseg.scene import SceneInfo
+from geoseg.scene import SceneInfo, own_pixels
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +195,14 @@ class LabelReader:
             self._src = rasterio.open(self.path)
         except RasterioIOError as exc:
             raise InputError(f"labels {self.path} is not a raster GDAL can read") from exc
+        self._offset = (0, 0)
         if self._src.crs is None:
-            if self._src.shape == (self.grid.height, self.grid.width) and not self.grid.resampled:
+            whole = self.grid.parent if self.grid.parent is not None else self.grid  # a crop: its scene's size
+            if self._src.shape == (whole.height, whole.width) and not whole.resampled:
                 log.info("labels %s have no CRS; using the image's grid (same size)", self.path.name)
                 self._ds = self._src
+                if whole is not self.grid:
+                    self._offset = (self.grid.row_off, self.grid.col_off)
             else:
                 raise InputError(f"label raster {self.path} has no CRS and is not the image's size; georeference it")
         else:
@@ -225,6 +229,9 @@ class LabelReader:
             return out
         inner = self._read_inner(r0, r1, c0, c1)
         out[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = inner
+        own = own_pixels(self.grid, row0, row1, col0, col1)  # an area of interest: nothing outside is scored
+        if own is not None:
+            out[~own] = IGNORE
         return out
 
     def _read_inner(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
@@ -239,7 +246,7 @@ class LabelReader:
                 return np.zeros((r1 - r0, c1 - c0), dtype=np.uint8)
             return rasterize(zip(self._geoms[hits], self._ids[hits].tolist()), out_shape=(r1 - r0, c1 - c0),
                              transform=transform, fill=0, dtype="uint8")
-        window = Window(c0, r0, c1 - c0, r1 - r0)
+        window = Window(c0 + self._offset[1], r0 + self._offset[0], c1 - c0, r1 - r0)
         values = self._ds.read(1, window=window)
         valid = self._ds.read_masks(1, window=window) > 0
         if self._map is not None:

@@ -256,18 +256,8 @@ class SceneReader:
         self.close()
 
     def area(self, row0: int, row1: int, col0: int, col1: int) -> np.ndarray | None:
-        """For a crop, which pixels of a window are its own: inside its grid and, with an area of
-        interest, with their centre inside the area (``geoseg.aoi``). None: every pixel (no crop)."""
-        info = self.info
-        if info.parent is None:
-            return None
-        inside = np.zeros((row1 - row0, col1 - col0), dtype=bool)
-        inside[max(0, -row0) : max(0, info.height - row0), max(0, -col0) : max(0, info.width - col0)] = True
-        if info.aoi is not None and inside.any():
-            from geoseg.aoi import mask
-
-            inside &= mask(info.aoi, info.transform, row0, row1, col0, col1)
-        return inside
+        """For a crop, which pixels of a window are its own (``own_pixels``); None: all (no crop)."""
+        return own_pixels(self.info, row0, row1, col0, col1)
 
     def read_valid(self, row0: int, row1: int, col0: int, col1: int) -> np.ndarray:
         """Only the valid mask of a window (see ``read``), without reading the image bands when the
@@ -347,6 +337,21 @@ class SceneReader:
         data[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = inner
         valid[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = inner_valid
         return data, valid
+
+
+def own_pixels(info: SceneInfo, row0: int, row1: int, col0: int, col1: int) -> np.ndarray | None:
+    """For a crop (``crop``), which pixels of a window of its grid are its own: inside the grid and,
+    with an area of interest, with their centre inside the area (``geoseg.aoi``). None for a scene
+    that is no crop: every pixel inside it is its own."""
+    if info.parent is None:
+        return None
+    inside = np.zeros((row1 - row0, col1 - col0), dtype=bool)
+    inside[max(0, -row0) : max(0, info.height - row0), max(0, -col0) : max(0, info.width - col0)] = True
+    if info.aoi is not None and inside.any():
+        from geoseg.aoi import mask
+
+        inside &= mask(info.aoi, info.transform, row0, row1, col0, col1)
+    return inside
 
 
 def crop(info: SceneInfo, row0: int, row1: int, col0: int, col1: int, *, aoi: object | None = None) -> SceneInfo:

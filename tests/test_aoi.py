@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import geopandas as gpd
@@ -219,3 +220,41 @@ def test_aoi_on_a_real_drone_block_with_the_default_model(tmp_path):
     assert 0.4 < inside.mean() < 0.6  # a diamond fills half its box
     assert (cls[inside] == 1).mean() > 0.2  # Kampala block 1 is dense: buildings inside the area
     np.testing.assert_array_equal(cls[inside], full[inside])
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+@pytest.mark.parametrize("georeferenced", [True, False])
+def test_evaluate_scores_only_inside_the_area(scene, tmp_path, georeferenced):
+    """Labels complete only inside an area (as OpenStreetMap often is): outside it they are wrong."""
+    from geoseg.evaluate import evaluate
+
+    path, labels = scene
+    x0, y0 = 500000, 5000000
+    box = shapely.box(x0 + 10, y0 - 50, x0 + 45, y0 - 12)  # pixels: rows 24-100, columns 20-90
+    truth = np.where(np.arange(170)[None, :] % 2 == 0, 3, labels).astype("uint8")  # half the columns wrong
+    truth[24:100, 20:90] = labels[24:100, 20:90]
+    kw = {} if georeferenced else {"crs": None, "transform": rasterio.Affine.identity()}
+    labels_path = write_raster(tmp_path / "truth.tif", truth[None], **kw)
+    area = write_area(tmp_path / "area.geojson", [box])
+    opts = PredictOptions(tile_size=32, overlap=8)
+    whole = evaluate(path, labels_path, bundle=numpy_bundle(classes=4), options=opts, road_buffer_m=0)
+    part = evaluate(path, labels_path, bundle=numpy_bundle(classes=4), options=opts, road_buffer_m=0, aoi=area)
+    assert whole.mean_iou < 0.9
+    assert part.pixels_scored == 76 * 70 and part.mean_iou == pytest.approx(1.0) and part.accuracy == 1.0
+    assert all(s.object_f1 in (None, 1.0) or math.isnan(s.object_f1) for s in part.classes.values())
+
+
+def test_reference_road_lines_are_clipped_to_the_area(scene, tmp_path):
+    from geoseg.aoi import restrict
+    from geoseg.evaluate import reference_road_lines
+
+    path, _ = scene
+    x0, y0 = 500000, 5000000
+    lines = tmp_path / "roads.gpkg"
+    gpd.GeoDataFrame({"class": ["road", "road"]}, geometry=[
+        shapely.LineString([(x0 + 1, y0 - 30), (x0 + 84, y0 - 30)]),  # 83 m across the scene
+        shapely.LineString([(x0 + 70, y0 - 2), (x0 + 70, y0 - 68)]),  # outside the area
+    ], crs="EPSG:32633").to_file(lines)
+    info = restrict(open_scene(path), write_area(tmp_path / "area.gpkg", [shapely.box(x0 + 10, y0 - 50, x0 + 45, y0 - 12)]))
+    got = reference_road_lines(lines, info, class_names=["background", "road"], road_id=1)
+    assert got.length.sum() == pytest.approx(35, abs=1e-6)

@@ -6,7 +6,9 @@ import math
 
 import click
 
-from geoseg.cli.options import StageBars, echo_json, inference_options, json_option, model_option, pop_predict_options
+from geoseg.cli.options import (
+    StageBars, aoi_option, echo_json, inference_options, json_option, model_option, pop_predict_options,
+)
 
 
 @click.command()
@@ -30,13 +32,14 @@ from geoseg.cli.options import StageBars, echo_json, inference_options, json_opt
                    "road pixels). Default: 3 when the model has a road class; 0 turns it off.")
 @click.option("--road-class", "road_class_name", default="road", show_default=True,
               help="The model class that holds roads.")
+@aoi_option("only pixels inside are scored (for labels complete only there)")
 @inference_options
 @json_option
 @click.pass_context
 def evaluate(ctx: click.Context, scene: str, labels: str, model: str | None, label_field: str,
              line_width_m: float | None, label_values: str | None, boundary_tolerance_px: int,
-             iou_threshold: float, road_buffer_m: float | None, road_class_name: str, as_json: bool,
-             **inference) -> None:
+             iou_threshold: float, road_buffer_m: float | None, road_class_name: str, aoi: str | None,
+             as_json: bool, **inference) -> None:
     """Segment SCENE and score it against LABELS (polygons in any CRS, or a class/mask raster).
 
     Per class: IoU, F1 (Dice), precision, recall, boundary F1 and object F1; then pixel accuracy
@@ -47,6 +50,7 @@ def evaluate(ctx: click.Context, scene: str, labels: str, model: str | None, lab
     geoseg evaluate scene.tif buildings.gpkg
     geoseg evaluate scene.tif roads.gpkg --model roads --line-width 6 --json
     geoseg evaluate scene.tif classes.tif --model landcover --label-values 0=ignore,1=building,2=background,3=road
+    geoseg evaluate scene.tif osm_buildings.gpkg --aoi mapped_area.geojson   # labels complete only there
     """
     from geoseg.evaluate import evaluate as run
 
@@ -55,7 +59,7 @@ def evaluate(ctx: click.Context, scene: str, labels: str, model: str | None, lab
         result = run(scene, labels, model=model, options=options, class_field=label_field,
                      line_width_m=line_width_m, label_values=label_values,
                      boundary_tolerance_px=boundary_tolerance_px, iou_threshold=iou_threshold,
-                     road_buffer_m=road_buffer_m, road_class_name=road_class_name, progress=progress)
+                     road_buffer_m=road_buffer_m, road_class_name=road_class_name, progress=progress, aoi=aoi)
     if as_json:
         echo_json(result.to_dict())
         return

@@ -64,6 +64,15 @@ model_option = click.option(
 )
 
 
+def aoi_option(what: str):
+    """``--aoi FILE``: work only inside its polygons (``geoseg.aoi``); ``what`` says what that means here."""
+    return click.option(
+        "--aoi", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+        help=f"Only inside the polygons of FILE (GeoPackage, GeoJSON, shapefile; any CRS): {what}; the pixels "
+             f"around still serve as the model's context.",
+    )
+
+
 def parse_bands(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
     if value is None:
         return None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from geoseg.cli.options import (
-    StageBars, centerline_options, cleanup_options, echo_json, inference_options, json_option, logger, model_option,
-    output_option, overwrite_option, pop_centerline_options, pop_cleanup_options, pop_predict_options,
+    StageBars, aoi_option, centerline_options, cleanup_options, echo_json, inference_options, json_option, logger,
+    model_option, output_option, overwrite_option, pop_centerline_options, pop_cleanup_options, pop_predict_options,
 )
 
 
@@ -18,10 +18,7 @@ from geoseg.cli.options import (
               help="Also write the class raster as a Cloud-Optimized GeoTIFF (with a QGIS .qml style).")
 @click.option("--probs-out", type=click.Path(dir_okay=False), default=None,
               help="Also write per-class probabilities (float32 COG, one band per class).")
-@click.option("--aoi", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="Segment only inside the polygons of FILE (GeoPackage, GeoJSON, shapefile; any CRS): the "
-                   "outputs cover their bounding box, nodata outside them; the pixels around still serve as "
-                   "the model's context.")
+@aoi_option("the outputs cover their bounding box, nodata outside them")
 @click.option("--min-area", "min_area_m2", default=None, metavar="M2|CLASS=M2,...",
               help="Drop polygons smaller than this many m²: one value for every class, or per class "
                    "(building=10,water=200). Default: the model's per-class values.")
