@@ -66,11 +66,14 @@ def read_area(path: str | os.PathLike, crs) -> object:
     return area
 
 
-def restrict(info: SceneInfo, path: str | os.PathLike) -> SceneInfo:
-    """``info`` cropped to the bounding box of the polygons in ``path``, outputs only inside them."""
+def restrict(info: SceneInfo, path: str | os.PathLike, *, margin_m: float = 0.0) -> SceneInfo:
+    """``info`` cropped to the bounding box of the polygons in ``path``, outputs only inside them
+    (grown by ``margin_m`` metres: ``change`` needs a rim of context)."""
     import shapely
 
     area = read_area(path, info.crs)
+    if margin_m > 0:
+        area = shapely.buffer(area, margin_m * abs(info.transform.a) / info.gsd)  # metres to CRS units
     window = window_of(info, *area.bounds)
     if window is None:
         x0, y0, x1, y1 = area.bounds

@@ -29,6 +29,7 @@ import csv
 import dataclasses
 import datetime as dt
 import fcntl
+import glob
 import hashlib
 import json
 import logging
@@ -56,7 +57,7 @@ CHANGE_OUTPUTS = {"gpkg": "changes.gpkg", "raster": "change.tif"}
 # options that change only speed or memory, never the outputs: left out of a job's key
 SPEED_ONLY = ("batch_size", "prefetch", "chunk_width")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_TOP_KEYS = {"output", "model", "predict", "change", "scenes", "resources"}
+_TOP_KEYS = {"output", "model", "predict", "change", "scenes", "resources", "areas"}
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class Manifest:
     change: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, float] | None = None  # Dask resources every predict job asks for
     scenes: list[Scene] = field(default_factory=list)
+    aois: dict[str, Path] = field(default_factory=dict)  # area -> its --aoi polygons (``[areas.NAME] aoi``)
 
 
 @dataclass
@@ -187,13 +189,32 @@ def load_manifest(path: str | os.PathLike, *, output: str | os.PathLike | None =
         if not isinstance(doc.get(name, {}), Mapping):
             raise InputError(f"manifest {path}: {name} must be a table of options")
     resources = doc.get("resources", {}).get("predict")
+    aois = _area_aois(doc.get("areas", {}), path, base, {s.area for s in scenes})
     return Manifest(
         path=path, output=base / str(out) if output is None else Path(out).resolve(),
         model=model if model is not None else doc.get("model"),
         predict=dict(doc.get("predict", {})), change=dict(doc.get("change", {})),
         resources={str(k): float(v) for k, v in resources.items()} if resources else None,
-        scenes=scenes,
+        scenes=scenes, aois=aois,
     )
+
+
+def _area_aois(table: Any, path: Path, base: Path, areas: set[str]) -> dict[str, Path]:
+    """``[areas.NAME]`` tables: ``aoi = "FILE"``, the polygons an area's jobs work inside."""
+    if not isinstance(table, Mapping):
+        raise InputError(f"manifest {path}: areas must be a table of [areas.NAME] tables")
+    aois = {}
+    for name, entry in table.items():
+        where = f"manifest {path}, [areas.{name}]"
+        if name not in areas:
+            raise InputError(f"{where}: no scene has area {name!r}; fix the name or add its scenes")
+        if not isinstance(entry, Mapping) or set(entry) != {"aoi"}:
+            raise InputError(f"{where}: an area has one key, aoi = \"FILE\" (its polygons)")
+        aoi = base / str(entry["aoi"]).strip()
+        if not aoi.is_file():
+            raise InputError(f"{where}: aoi {aoi} does not exist; fix the path")
+        aois[name] = aoi
+    return aois
 
 
 # --------------------------------------------------------------------------- options
@@ -329,16 +350,20 @@ def plan(manifest: Manifest, *, hashes: HashCache | None = None) -> list[Job]:
         digests = list(pool.map(scene_hash, manifest.scenes))
     jobs: list[Job] = []
     by_area: dict[str, list[Job]] = {}
+    # an area's polygons are part of its jobs' identity: editing them redoes the area
+    aoi_sha = {area: _aoi_digest(p, hashes) for area, p in manifest.aois.items()}
     for scene, digest in zip(manifest.scenes, digests):
+        aoi = {"aoi": str(manifest.aois[scene.area])} if scene.area in manifest.aois else {}
         job = Job(id=f"predict/{scene.area}/{scene.date}", kind="predict", area=scene.area, dates=(scene.date,),
-                  folder=str(root / scene.area / scene.date), inputs={"scene": str(scene.path)},
+                  folder=str(root / scene.area / scene.date), inputs={"scene": str(scene.path), **aoi},
                   model=str(model_path), options={"predict": _canonical(options), **extra},
                   resources=manifest.resources)
         if isinstance(digest, Exception):
             job.error = " ".join(str(digest).split())
         else:
             job.key = job_key({"kind": "predict", "scene_sha256": digest, "model_sha256": model_sha,
-                               "options": popts, **extra})
+                               "options": popts, **extra,
+                               **({"aoi_sha256": aoi_sha[scene.area]} if aoi else {})})
         jobs.append(job)
         by_area.setdefault(scene.area, []).append(job)
     for area, series in by_area.items():
@@ -348,7 +373,8 @@ def plan(manifest: Manifest, *, hashes: HashCache | None = None) -> list[Job]:
             jobs.append(Job(
                 id=f"change/{area}/{pair}", kind="change", area=area, dates=(a.dates[0], b.dates[0]),
                 folder=str(root / area / "changes" / pair),
-                inputs={"before": a.outputs["probs"], "after": b.outputs["probs"]},
+                inputs={"before": a.outputs["probs"], "after": b.outputs["probs"],
+                        **({"aoi": a.inputs["aoi"]} if "aoi" in a.inputs else {})},
                 options={"change": _canonical(copts)}, needs=(a.id, b.id),
                 key=job_key({"kind": "change", "before": a.key, "after": b.key, "options": _canonical(copts)}),
             ))
@@ -357,6 +383,18 @@ def plan(manifest: Manifest, *, hashes: HashCache | None = None) -> list[Job]:
 
 
 # --------------------------------------------------------------------------- running one job
+
+
+def _aoi_digest(path: Path, hashes: HashCache) -> str:
+    """The sha256 of an area's polygons; a shapefile's with its .dbf, .prj, ... beside it."""
+    parts = [path] if path.suffix.lower() != ".shp" else sorted(
+        p for p in path.parent.glob(f"{glob.escape(path.stem)}.*") if p.suffix.lower() in _SHAPEFILE_PARTS)
+    if len(parts) == 1:
+        return hashes.sha256(path)
+    return hashlib.sha256("".join(hashes.sha256(p) for p in parts).encode()).hexdigest()
+
+
+_SHAPEFILE_PARTS = {".shp", ".shx", ".dbf", ".prj", ".cpg"}
 
 
 def _stat(path: Path) -> dict[str, int]:
@@ -407,7 +445,7 @@ def _run_predict(job: Job) -> dict[str, Any]:
     out = job.outputs
     result = predict(job.inputs["scene"], out["gpkg"], raster_out=out["raster"], probs_out=out["probs"],
                      options=options, overwrite=True, bundle=_bundle(job.model, options.precision),
-                     regularize=bool(job.options.get("regularize")))
+                     regularize=bool(job.options.get("regularize")), aoi=job.inputs.get("aoi"))
     return {"counts": result.counts, "area_m2": result.area_m2, "timings_s": result.timings_s}
 
 
@@ -416,7 +454,7 @@ def _run_change(job: Job) -> dict[str, Any]:
 
     out = job.outputs
     result = change(job.inputs["before"], job.inputs["after"], out["gpkg"], raster_out=out["raster"],
-                    options=ChangeOptions(**job.options["change"]), overwrite=True)
+                    options=ChangeOptions(**job.options["change"]), overwrite=True, aoi=job.inputs.get("aoi"))
     return result.to_dict()
 
 

@@ -108,6 +108,7 @@ class ChangeResult:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # per class: polygons per change
     pixels: dict[str, int] = field(default_factory=dict)  # compared, changed, suppressed by margin/tolerance
     timings_s: dict[str, float] = field(default_factory=dict)
+    aoi: str | None = None  # the --aoi file: the grid covers only its polygons (and a rim of context)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -338,11 +339,15 @@ class StripChange:
 
 def compare(cls_b: np.ndarray, cls_a: np.ndarray, valid: np.ndarray, probs_b: np.ndarray | None,
             probs_a: np.ndarray | None, *, n_classes: int, margin: float = 0.0, tolerance_m: float = 0.0,
-            pixel_m: tuple[float, float] = (1.0, 1.0), core: slice = slice(None)) -> StripChange:
+            pixel_m: tuple[float, float] = (1.0, 1.0), core: slice = slice(None),
+            area: np.ndarray | None = None) -> StripChange:
     """Change codes of one strip. ``cls_*``: class ids (rows, cols), any value where not ``valid``;
     ``probs_*``: (classes, rows, cols) or None (a class raster: probability 1 for its class).
-    ``core``: the rows to return (the rest is context for the tolerance)."""
+    ``core``: the rows to return (the rest is context for the tolerance). ``area``: the pixels to
+    report (an area of interest); the others are nodata and uncounted, but still context."""
     from scipy import ndimage
+
+    report = valid if area is None else valid & area
 
     cls_b = np.where(valid, cls_b, n_classes)  # outside the data: no class at all
     cls_a = np.where(valid, cls_a, n_classes)
@@ -360,7 +365,7 @@ def compare(cls_b: np.ndarray, cls_a: np.ndarray, valid: np.ndarray, probs_b: np
     if margin > 0 and (probs_b is not None or probs_a is not None):
         ok = ((p(probs_b, cls_b, fb) - p(probs_b, cls_b, ta) >= margin)
               & (p(probs_a, cls_a, ta) - p(probs_a, cls_a, fb) >= margin))
-        by_margin = int((cand & ~ok)[core].sum())
+        by_margin = int((cand & ~ok & report)[core].sum())
         cand &= ok
     by_tolerance = 0
     if tolerance_m > 0 and cand.any():
@@ -386,11 +391,12 @@ def compare(cls_b: np.ndarray, cls_a: np.ndarray, valid: np.ndarray, probs_b: np
         for i, j in (divmod(int(k), n_classes) for k in present):
             sel = cand & (cls_b == i) & (cls_a == j)
             explained[sel] = near(0, cls_b, j)[sel] & near(1, cls_a, i)[sel]
-        by_tolerance = int((explained & cand)[core].sum())
+        by_tolerance = int((explained & cand & report)[core].sum())
         cand &= ~explained
     table = transition_table(n_classes)
+    cand &= report
     codes = np.where(cand, table[fb, ta], 0).astype(np.uint8)
-    codes[~valid] = CODE_NODATA
+    codes[~report] = CODE_NODATA
     confidence = None
     if probs_b is not None or probs_a is not None:
         conf = np.minimum(p(probs_b, cls_b, fb), p(probs_a, cls_a, ta))
@@ -491,9 +497,12 @@ def change(
     overwrite: bool = False,
     progress: Progress | None = None,
     bundle=None,
+    aoi: str | os.PathLike | None = None,
 ) -> ChangeResult:
     """Compare ``before`` and ``after`` and write change polygons to the GeoPackage ``output`` (and
-    the change raster to ``raster_out``), all or nothing.
+    the change raster to ``raster_out``), all or nothing. ``aoi``: only inside these polygons (any
+    vector file, any CRS; ``geoseg.aoi``): the common grid shrinks to them, scenes are segmented
+    only there (with a rim of context for the tolerance), nothing outside is reported.
 
     Scenes are segmented with ``bundle`` (already loaded) or ``model`` (name or path; default the
     built-in model, loaded only when a scene needs it); rasters from earlier runs are reused.
@@ -537,6 +546,12 @@ def change(
     background = set(meta.background) if meta is not None else {0}
     grid = common_grid(b, a)
     tolerance = _tolerance(options, grid)
+    area = None
+    if aoi is not None:
+        from geoseg.aoi import read_area
+
+        area = read_area(aoi, grid.crs)
+        grid = _grid_within(grid, area, margin_px=math.ceil(tolerance / min(grid.pixel_m)) + 2, aoi=aoi)
     min_area = options.min_area if options.min_area is not None else DEFAULT_MIN_AREA_PX * grid.pixel_m[0] * grid.pixel_m[1]
     for path in (output, raster_out):  # outputs before any heavy work
         if path is not None:
@@ -563,6 +578,10 @@ def change(
                 from geoseg.scene import open_scene
 
                 info = open_scene(d.path, bands=predict_options.bands, assume_crs=predict_options.assume_crs)
+                if aoi is not None:  # segment the area and a rim around it: context for the tolerance
+                    from geoseg.aoi import restrict
+
+                    info = restrict(info, aoi, margin_m=tolerance + 3 * max(grid.pixel_m))
                 folder = scratch / d.role.lower()
                 folder.mkdir()
                 stage = d.role.lower()
@@ -584,7 +603,7 @@ def change(
         code_path, conf_path = scratch / "change.tif", scratch / "confidence.tif"
         has_probs = "probs" in (b.read_kind, a.read_kind)
         pixels = _compare_dates(b, a, grid, code_path, conf_path if has_probs else None, n=n,
-                                margin=options.margin, tolerance_m=tolerance, progress=progress)
+                                margin=options.margin, tolerance_m=tolerance, progress=progress, area=area)
         timings["compare"] = round(time.perf_counter() - t0, 3)
 
         run_meta = {
@@ -596,6 +615,7 @@ def change(
             "after": str(Path(a.path).resolve()),
             "after_kind": a.kind,
             "after_sha256": hashes["AFTER"].result(),
+            **({"aoi": str(Path(aoi).resolve())} if aoi is not None else {}),
             **({"model_name": model_info["name"], "model_sha256": model_info["sha256"],
                 "model_path": model_info["path"], "tile_size": str(predict_options.tile_size or ""),
                 "overlap": str("" if predict_options.overlap is None else predict_options.overlap),
@@ -648,8 +668,24 @@ def change(
         gained_m2={nm: round(totals[nm][APPEARED][1], 3) for nm in layers},
         lost_m2={nm: round(totals[nm][DISAPPEARED][1], 3) for nm in layers},
         counts={nm: {c: totals[nm][c][0] for c in (APPEARED, DISAPPEARED)} for nm in layers},
-        pixels=pixels, timings_s=timings,
+        pixels=pixels, timings_s=timings, aoi=str(aoi) if aoi is not None else None,
     )
+
+
+def _grid_within(grid: Grid, area, *, margin_px: int, aoi) -> Grid:
+    """The part of ``grid`` that covers ``area`` (polygons in its CRS) and ``margin_px`` pixels more
+    on each side (the tolerance's context). InputError when the area misses the grid."""
+    from geoseg.scene import window_of
+
+    window = window_of(grid, *area.bounds)
+    if window is None:
+        left, bottom, right, top = rasterio.transform.array_bounds(grid.height, grid.width, grid.transform)
+        raise InputError(f"--aoi {Path(aoi).name} does not overlap where BEFORE and AFTER overlap (x {left:.6g}.."
+                         f"{right:.6g}, y {bottom:.6g}..{top:.6g} in {grid.crs}); check that it is the right file")
+    r0, r1, c0, c1 = window
+    r0, c0 = max(0, r0 - margin_px), max(0, c0 - margin_px)
+    r1, c1 = min(grid.height, r1 + margin_px), min(grid.width, c1 + margin_px)
+    return Grid(grid.crs, grid.transform * rasterio.Affine.translation(c0, r0), c1 - c0, r1 - r0, grid.pixel_m)
 
 
 def _palette(n: int) -> tuple[tuple[int, int, int], ...]:
@@ -692,8 +728,9 @@ def _tolerance(options: ChangeOptions, grid: Grid) -> float:
 
 
 def _compare_dates(b: DateInput, a: DateInput, grid: Grid, code_path: Path, conf_path: Path | None, *, n: int,
-                   margin: float, tolerance_m: float, progress: Progress | None) -> dict[str, int]:
-    """Write the change codes (and confidences) of the whole grid, strip by strip."""
+                   margin: float, tolerance_m: float, progress: Progress | None, area=None) -> dict[str, int]:
+    """Write the change codes (and confidences) of the whole grid, strip by strip; only inside
+    ``area`` (shapely polygons in the grid's CRS) when given."""
     from geoseg.outputs import SCRATCH_COMPRESS, TiledTiffWriter
 
     common = dict(width=grid.width, height=grid.height, crs=grid.crs, transform=grid.transform,
@@ -712,12 +749,17 @@ def _compare_dates(b: DateInput, a: DateInput, grid: Grid, code_path: Path, conf
                 cb, vb, pb = rb.read(h0, h1)
                 ca, va, pa = ra.read(h0, h1)
                 valid = vb & va
+                inside = None
+                if area is not None:
+                    from geoseg.aoi import mask
+
+                    inside = mask(area, grid.transform, h0, h1, 0, grid.width)
                 out = compare(cb, ca, valid, pb, pa, n_classes=n, margin=margin, tolerance_m=tolerance_m,
-                              pixel_m=grid.pixel_m, core=slice(r0 - h0, r1 - h0))
+                              pixel_m=grid.pixel_m, core=slice(r0 - h0, r1 - h0), area=inside)
                 writers[0].write(out.codes, row_off=r0)
                 if conf_path is not None:
                     writers[1].write(out.confidence, row_off=r0)
-                counts["compared"] += int(valid[r0 - h0 : r1 - h0].sum())
+                counts["compared"] += int((valid if inside is None else valid & inside)[r0 - h0 : r1 - h0].sum())
                 counts["changed"] += out.changed
                 counts["suppressed_by_margin"] += out.by_margin
                 counts["suppressed_by_tolerance"] += out.by_tolerance

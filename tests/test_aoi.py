@@ -258,3 +258,114 @@ def test_reference_road_lines_are_clipped_to_the_area(scene, tmp_path):
     info = restrict(open_scene(path), write_area(tmp_path / "area.gpkg", [shapely.box(x0 + 10, y0 - 50, x0 + 45, y0 - 12)]))
     got = reference_road_lines(lines, info, class_names=["background", "road"], road_id=1)
     assert got.length.sum() == pytest.approx(35, abs=1e-6)
+
+
+def test_change_reports_only_inside_the_area_what_the_whole_run_reports(tmp_path):
+    """Class rasters of two dates: inside the area the codes equal those of a run without it."""
+    from geoseg.change import CODE_NODATA
+    from geoseg.change import change as run_change
+
+    rng = np.random.default_rng(3)
+    before = blocky_labels(120, 140, 3, rng, block=6)
+    after = np.where(blocky_labels(120, 140, 2, rng, block=9) == 1, (before + 1) % 3, before)  # a third changes
+    names = ("background", "building", "road")
+    paths = []
+    for name, ids in (("before", before), ("after", after)):
+        p = write_raster(tmp_path / f"{name}.tif", ids.astype("uint8")[None], nodata=255)
+        with rasterio.open(p, "r+") as ds:
+            ds.update_tags(class_names=",".join(names))
+        paths.append(p)
+    x0, y0 = 500000, 5000000
+    area = shapely.Polygon([(x0 + 8, y0 - 6), (x0 + 52, y0 - 14), (x0 + 40, y0 - 50), (x0 + 12, y0 - 40)])
+    area_path = write_area(tmp_path / "area.geojson", [area])
+    whole = run_change(*paths, tmp_path / "whole.gpkg", raster_out=tmp_path / "whole.tif")
+    part = run_change(*paths, tmp_path / "part.gpkg", raster_out=tmp_path / "part.tif", aoi=area_path)
+    with rasterio.open(tmp_path / "whole.tif") as w, rasterio.open(tmp_path / "part.tif") as p:
+        window = rasterio.windows.from_bounds(*p.bounds, w.transform).round_offsets().round_lengths()
+        full, codes, t = w.read(1, window=window), p.read(1), p.transform
+    back = shapely.geometry.shape(transform_geom("EPSG:4326", "EPSG:32633", gpd.read_file(area_path).geometry[0]))
+    inside = rasterize([(back, 1)], out_shape=codes.shape, transform=t).astype(bool)
+    np.testing.assert_array_equal(codes != CODE_NODATA, inside)
+    np.testing.assert_array_equal(codes[inside], full[inside])  # the tolerance saw the same neighbours
+    assert part.pixels["compared"] == inside.sum() < whole.pixels["compared"] / 2
+    assert 0 < part.pixels["changed"] == int(((codes != 0) & inside).sum())
+    assert part.aoi == str(area_path)
+    assert sum(part.gained_m2.values()) < sum(whole.gained_m2.values())
+
+
+def test_change_of_two_scenes_segments_only_the_area(tmp_path):
+    from geoseg.change import change as run_change
+
+    rng = np.random.default_rng(4)
+    scenes = []
+    for name in ("before", "after"):
+        ids = blocky_labels(200, 260, 4, rng, block=8)
+        scenes.append(write_raster(tmp_path / f"{name}.tif", ids.astype("uint8")[None]))
+    x0, y0 = 500000, 5000000
+    area_path = write_area(tmp_path / "area.gpkg", [shapely.box(x0 + 5, y0 - 20, x0 + 25, y0 - 5)])
+    calls = []
+
+    class Counting(type(numpy_bundle().model)):
+        def predict_on_batch(self, x):
+            calls.append(len(x))
+            return super().predict_on_batch(x)
+
+    bundle = numpy_bundle(classes=4)
+    object.__setattr__(bundle, "model", Counting(4))
+    whole = run_change(*scenes, tmp_path / "whole.gpkg", bundle=bundle,
+                       predict_options=PredictOptions(tile_size=32, overlap=8))
+    n_whole, calls[:] = len(calls), []
+    part = run_change(*scenes, tmp_path / "part.gpkg", bundle=bundle, aoi=area_path,
+                      predict_options=PredictOptions(tile_size=32, overlap=8))
+    assert len(calls) < n_whole / 4  # only the tiles under the area (and its rim)
+    assert part.pixels["compared"] == 40 * 30 and whole.pixels["compared"] == 200 * 260
+    result = CliRunner().invoke(cli, ["change", *map(str, scenes), "-o", str(tmp_path / "x.gpkg"), "--aoi",
+                                      str(write_area(tmp_path / "far.gpkg", [shapely.box(x0 + 900, y0 - 20, x0 + 925, y0 - 5)]))])
+    assert result.exit_code == 1 and "does not overlap" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_batch_areas_work_inside_their_polygons_and_rerun_when_those_change(tmp_path, monkeypatch):
+    from geoseg import batch
+    from geoseg.batch import load_manifest, plan, run_batch
+
+    monkeypatch.setattr(batch, "_BUNDLES", {})  # this test's model stays out of the process-wide cache
+    from tests.test_batch import write_manifest
+    from tests.testmodels import small_cnn_bundle
+
+    model = small_cnn_bundle(tmp_path / "cnn.keras", bands=3, classes=3, mean=[120] * 3, std=[40] * 3, seed=3)
+    area = write_area(tmp_path / "town.gpkg", [shapely.box(600100, 5199600, 600300, 5199900)],
+                      crs="EPSG:32614", scene_crs="EPSG:32614")
+    manifest = write_manifest(tmp_path, model, naip=False, extra='[areas.town]\naoi = "town.gpkg"\n')
+    loaded = load_manifest(manifest)
+    assert loaded.aois == {"town": area}
+    report = run_batch(loaded)
+    assert report.ok and report.counts["done"] == 3
+    out = tmp_path / "out" / "town"
+    for date in ("2021-05-01", "2022-05-01"):
+        with rasterio.open(out / date / "classes.tif") as ds:
+            assert (ds.width, ds.height) == (100, 150) and ds.transform.c == 600100 and ds.transform.f == 5199900
+    with rasterio.open(out / "changes" / "2021-05-01_2022-05-01" / "change.tif") as ds:
+        codes = ds.read(1)
+        left, bottom, right, top = ds.bounds
+    assert 600100 - 10 <= left and right <= 600300 + 10 and 5199600 - 10 <= bottom and top <= 5199900 + 10
+    assert (codes != 255).sum() == 100 * 150
+    # unchanged: every job is current; moved polygons: every job of the area runs again
+    assert run_batch(load_manifest(manifest)).counts["current"] == 3
+    keys = [j.key for j in plan(load_manifest(manifest))]
+    write_area(area, [shapely.box(600100, 5199600, 600310, 5199900)], crs="EPSG:32614", scene_crs="EPSG:32614")
+    assert all(a != b for a, b in zip(keys, [j.key for j in plan(load_manifest(manifest))]))
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('[areas.village]\naoi = "town.gpkg"\n', "no scene has area 'village'"),
+    ('[areas.town]\naoi = "missing.gpkg"\n', "does not exist"),
+    ('[areas.town]\npolygons = "town.gpkg"\n', "an area has one key, aoi"),
+])
+def test_batch_area_mistakes_are_one_line_errors(tmp_path, extra, message):
+    from geoseg.batch import load_manifest
+    from tests.test_batch import write_manifest
+
+    write_area(tmp_path / "town.gpkg", [shapely.box(600100, 5199600, 600300, 5199900)], crs="EPSG:32614",
+               scene_crs="EPSG:32614")
+    with pytest.raises(InputError, match=message):
+        load_manifest(write_manifest(tmp_path, tmp_path / "model.keras", naip=False, extra=extra))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from geoseg.cli.options import (
-    StageBars, echo_json, inference_options, json_option, logger, model_option, output_option, overwrite_option,
+    StageBars, aoi_option, echo_json, inference_options, json_option, logger, model_option, output_option, overwrite_option,
     pop_predict_options,
 )
 
@@ -28,13 +28,14 @@ from geoseg.cli.options import (
               help="Misregistration tolerance: a pixel from A to B does not count when B lies within this "
                    "distance on BEFORE and A within it on AFTER. Default: 3 m or 1.5 pixels, whichever is "
                    "larger; 0: off.")
+@aoi_option("the change outputs cover their bounding box, nodata outside them")
 @inference_options
 @overwrite_option
 @json_option
 @click.pass_context
 def change(ctx: click.Context, before: str, after: str, output: str, model: str | None, raster_out: str | None,
            class_names: str | None, min_area: float | None, margin: float, tolerance: float | None,
-           overwrite: bool, as_json: bool, **inference) -> None:
+           aoi: str | None, overwrite: bool, as_json: bool, **inference) -> None:
     """Compare two dates of a place: polygons of what appeared and what disappeared, per class.
 
     BEFORE and AFTER are scenes (segmented with the model) or rasters of an earlier
@@ -44,6 +45,7 @@ def change(ctx: click.Context, before: str, after: str, output: str, model: str 
     \b
     geoseg change 2019.tif 2024.tif -o changes.gpkg
     geoseg change 2019_classes.tif 2024_probs.tif -o changes.gpkg --raster-out changes.tif --min-area 20
+    geoseg change 2019.tif 2024.tif -o district_changes.gpkg --aoi district_boundary.geojson
     """
     from geoseg.change import ChangeOptions
     from geoseg.change import change as run
@@ -54,7 +56,7 @@ def change(ctx: click.Context, before: str, after: str, output: str, model: str 
     with StageBars("compare", quiet=bool(ctx.obj.get("quiet")),
                    units={"compare": "row", "polygonize": "row"}) as progress:
         result = run(before, after, output, model=model, raster_out=raster_out, options=options,
-                     predict_options=predict_options, overwrite=overwrite, progress=progress)
+                     predict_options=predict_options, overwrite=overwrite, progress=progress, aoi=aoi)
     if as_json:
         echo_json(result.to_dict())
         return
