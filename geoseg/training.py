@@ -147,6 +147,7 @@ class Dataset:
     line_width: float | None = None  # None: the run's line_width
     weight: float | None = None
     name: str = ""
+    aoi: str | None = None  # polygons outside which its labels count for nothing (geoseg.aoi); None: the run's
 
     def __post_init__(self) -> None:
         for key in ("images", "labels", "val_images", "val_labels", "labelled_classes"):
@@ -198,6 +199,7 @@ class TrainConfig:
     datasets: tuple[Dataset, ...] = ()  # more labelled scenes, each with its own label conventions
     init_from: str | None = None  # a bundle to fine-tune: its weights, normalisation and (by default) GSD
     threshold: str | None = None  # decision thresholds stored in the bundle: "building=0.3" (predict --threshold)
+    aoi: str | None = None  # polygons (any vector file) outside which the top-level labels count for nothing
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -348,7 +350,7 @@ def parse_loss(spec: str) -> tuple[tuple[float, str], ...]:
 
 
 #: Config keys that are paths (relative to the config file's folder).
-_PATH_KEYS = ("images", "labels", "val_images", "val_labels", "output", "init_from")
+_PATH_KEYS = ("images", "labels", "val_images", "val_labels", "output", "init_from", "aoi")
 _LIST_KEYS = ("images", "labels", "val_images", "val_labels", "classes", "class_weights", "bands", "sample_weights",
               "labelled_classes")
 
@@ -386,7 +388,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         value = flat[key]
         if key == "init_from" and not str(value).endswith(".keras"):
             continue  # a built-in model's name
-        if key in ("output", "init_from"):
+        if key in ("output", "init_from", "aoi"):
             flat[key] = str(base / value) if not Path(value).is_absolute() else value
         else:
             values = [value] if isinstance(value, str) else list(value)
@@ -419,6 +421,8 @@ def _read_dataset(path: Path, base: Path, index: int, table: Any) -> Dataset:
         if key in table:
             values = [table[key]] if isinstance(table[key], str) else list(table[key])
             table[key] = tuple(str(base / v) if not Path(v).is_absolute() else v for v in values)
+    if table.get("aoi") is not None:
+        table["aoi"] = str(base / str(table["aoi"]))
     if isinstance(table.get("labelled_classes"), str):
         table["labelled_classes"] = tuple(v.strip() for v in table["labelled_classes"].split(",") if v.strip())
     try:
@@ -474,9 +478,11 @@ class SceneData:
 def load_scene(image: str | os.PathLike, labels: str | os.PathLike, *, class_names: Sequence[str],
                gsd: float | None = None, bands: tuple[int, ...] | None = None, label_field: str = "class",
                line_width: float | None = None, label_values: str | None = None, targets=None,
-               labelled_classes: Sequence[str] = ()) -> SceneData:
+               labelled_classes: Sequence[str] = (), aoi: str | os.PathLike | None = None) -> SceneData:
     """Read a scene and its labels whole, on a grid of ``gsd`` m/px (default: the scene's own).
     ``label_values`` says what a label raster's values mean (``labels.parse_label_values``).
+    ``aoi``: polygons (any vector file, any CRS) outside which the labels are ignored (``geoseg.aoi``);
+    the pixels stay, as context for the chips that reach the edge.
 
     With ``targets`` (a ``geoseg.targets.TargetSets``) the labels are codes of allowed class sets:
     ``label_values`` may name sets (``2=!building``, ``3=road|water``), and ``labelled_classes``
@@ -496,10 +502,16 @@ def load_scene(image: str | os.PathLike, labels: str | os.PathLike, *, class_nam
                      value_map=value_map, codes=codes) as lr:
         ids = lr.read(0, grid.height, 0, grid.width)
     ids = np.where(valid, ids, IGNORE).astype(np.uint8)
+    if aoi is not None:
+        from geoseg.aoi import mask, read_area
+
+        ids[~mask(read_area(aoi, grid.crs), grid.transform, 0, grid.height, 0, grid.width)] = IGNORE
     if targets is not None and labelled_classes:
         ids = targets.restrict(ids, labelled_classes)
     if not (ids != IGNORE).any():
-        raise InputError(f"labels {labels} do not overlap the valid pixels of {image}; pair each image with its own labels")
+        where = f" inside --aoi {Path(aoi).name}" if aoi is not None else ""
+        raise InputError(f"labels {labels} do not overlap the valid pixels of {image}{where}; "
+                         f"pair each image with its own labels" + (" and area" if aoi is not None else ""))
     return SceneData(name=Path(image).name, image=pixels, labels=ids, band_names=grid.band_names, gsd=grid.gsd)
 
 
@@ -918,7 +930,7 @@ def _sources(cfg: TrainConfig) -> tuple[list[tuple[str, str, Dataset]], list[tup
     for an image of dataset ``i`` with weight ``w`` (the dataset's share, drawn evenly over its
     chips); ``_scene_weights`` turns them into per-scene shares once the chips are known."""
     top = Dataset(images=cfg.images, labels=cfg.labels, val_images=cfg.val_images, val_labels=cfg.val_labels,
-                  label_values=cfg.label_values, labelled_classes=cfg.labelled_classes, name="top-level")
+                  label_values=cfg.label_values, labelled_classes=cfg.labelled_classes, name="top-level", aoi=cfg.aoi)
     train, val, weighting = [], [], []
     weighted = any(d.weight is not None for d in cfg.datasets)
     for i, d in enumerate((top, *cfg.datasets)):
@@ -1226,7 +1238,8 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
         return load_scene(image, labels, class_names=class_names, gsd=gsd, bands=cfg.bands,
                           label_field=d.label_field or cfg.label_field,
                           line_width=d.line_width if d.line_width is not None else cfg.line_width,
-                          label_values=d.label_values, targets=targets, labelled_classes=d.labelled_classes)
+                          label_values=d.label_values, targets=targets, labelled_classes=d.labelled_classes,
+                          aoi=d.aoi if d.aoi is not None else cfg.aoi)
 
     scenes = [load(*src) for src in sources]
     val_scenes = [load(*src) for src in val_sources]

@@ -369,3 +369,43 @@ def test_batch_area_mistakes_are_one_line_errors(tmp_path, extra, message):
                scene_crs="EPSG:32614")
     with pytest.raises(InputError, match=message):
         load_manifest(write_manifest(tmp_path, tmp_path / "model.keras", naip=False, extra=extra))
+
+
+def test_training_counts_labels_only_inside_the_area(tmp_path):
+    """A config's aoi (relative to it, another CRS) and a dataset's own: outside, labels are ignored."""
+    import json
+    import os
+
+    from geoseg.training import load_scene, read_config
+    from tests.test_training import ORIGIN, make_scene
+
+    a = make_scene(tmp_path, "a", 0, size=96)
+    b = make_scene(tmp_path, "b", 1, size=96)
+    x0, y0 = ORIGIN
+    half = write_area(tmp_path / "half.geojson", [shapely.box(x0, y0 - 48, x0 + 24, y0)])  # the left half
+    quarter = write_area(tmp_path / "quarter.gpkg", [shapely.box(x0, y0 - 24, x0 + 24, y0)], crs="EPSG:32633")
+    scene = load_scene(*a, class_names=["background", "building"], aoi=half)
+    assert (scene.labels[:, :48] != 255).all() and (scene.labels[:, 48:] == 255).all()
+    assert scene.image[:, 48:].any()  # the pixels outside stay, as context
+
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    rel = lambda p: os.path.relpath(p, folder)  # noqa: E731
+    (folder / "run.toml").write_text(
+        f'output = "m.keras"\nimages = ["{rel(a[0])}"]\nlabels = ["{rel(a[1])}"]\naoi = "{rel(half)}"\n'
+        f'val_fraction = 0\nchip_size = 32\nchip_stride = 16\nmin_labelled = 0.5\nwidth = 4\ndepth = 2\nepochs = 1\n'
+        f'steps_per_epoch = 1\n[[datasets]]\nimages = ["{rel(b[0])}"]\nlabels = ["{rel(b[1])}"]\naoi = "{rel(quarter)}"\n')
+    assert os.path.samefile(read_config(folder / "run.toml")["aoi"], half)
+    result = CliRunner().invoke(cli, ["train", "--config", str(folder / "run.toml"), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["pixels"]["train"] == 96 * 48 + 48 * 48  # a: its left half; b: its top-left quarter
+    # chips (32 px, stride 16: starts 0-64) need half their pixels labelled: on a, the 5 rows of chips
+    # starting in columns 0, 16, 32; on b, the 3 x 3 starting in rows and columns 0-32, less (32, 32)
+    assert doc["chips"]["train"] == 5 * 3 + 3 * 3 - 1
+
+    far = write_area(tmp_path / "far.geojson", [shapely.box(x0 + 900, y0 - 48, x0 + 924, y0)])
+    result = CliRunner().invoke(cli, ["train", "--images", str(a[0]), "--labels", str(a[1]), "--aoi", str(far),
+                                      "-o", str(tmp_path / "x.keras"), "--epochs", "1"])
+    assert result.exit_code == 1 and "inside --aoi far.geojson" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

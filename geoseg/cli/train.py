@@ -74,6 +74,10 @@ def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
               help="The only classes the labels name (e.g. building for footprints): other pixels are known "
                    "only not to be one of them, and the loss does not push them towards any other class. "
                    "Default: the labels name every class.")
+@click.option("--aoi", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+              help="Labels count only inside the polygons of FILE (GeoPackage, GeoJSON, shapefile; any CRS), "
+                   "for labels complete only there; pixels outside are ignored in the loss and the scores but "
+                   "still serve as context. A [[datasets]] table may give its own aoi.")
 @click.option("--sample-weights", default=None, metavar="W1,W2,...",
               help="One weight per training image: its share of the chips drawn (balances small and large "
                    "datasets). Default: every chip equally often.")
