@@ -35,15 +35,19 @@ POLYGONAL = ("Polygon", "MultiPolygon")
 
 
 def read_area(path: str | os.PathLike, crs) -> object:
-    """The union of the polygons in ``path`` (every layer feature; repaired), in ``crs``."""
+    """The union of the polygons of the first layer of ``path`` (repaired), in ``crs``."""
     import geopandas as gpd
+    import pyogrio
     import shapely
 
     p = Path(path)
     if not p.exists():
         raise InputError(f"--aoi {p}: no such file; check the path")
     try:
-        gdf = gpd.read_file(p)
+        layers = [name for name, geometry in pyogrio.list_layers(p) if geometry]
+        if len(layers) > 1:
+            log.info("--aoi %s has %d layers with geometries; using the first, %s", p.name, len(layers), layers[0])
+        gdf = gpd.read_file(p, layer=layers[0] if layers else None)
     except Exception as exc:  # pyogrio raises several types for unreadable files
         raise InputError(f"--aoi {p} cannot be read as vectors ({' '.join(str(exc).split())[:200]}); "
                          f"give a GeoPackage, GeoJSON or shapefile of polygons") from exc
