@@ -68,8 +68,8 @@ def aoi_option(what: str):
     """``--aoi FILE``: work only inside its polygons (``geoseg.aoi``); ``what`` says what that means here."""
     return click.option(
         "--aoi", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-        help=f"Only inside the polygons of FILE (GeoPackage: its first layer; GeoJSON, shapefile; any CRS): {what}; the pixels "
-             f"around still serve as the model's context.",
+        help=f"Only inside the polygons of FILE (GeoPackage: its first layer; GeoJSON, shapefile; any CRS): "
+             f"{what}; the pixels around still serve as the model's context.",
     )
 
 
