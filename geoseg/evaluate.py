@@ -694,7 +694,7 @@ def reference_road_lines(labels: str | os.PathLike, grid, *, class_names: Sequen
     lines = gdf.geometry.to_crs(grid.crs)
     left, bottom, right, top = rasterio.transform.array_bounds(grid.height, grid.width, grid.transform)
     clipped = shapely.clip_by_rect(lines.values, left, bottom, right, top)
-    if getattr(grid, "aoi", None) is not None:  # an area of interest (geoseg.aoi): only the lines inside
+    if grid.aoi is not None:  # an area of interest (geoseg.aoi): only the lines inside
         clipped = shapely.intersection(clipped, grid.aoi)
     keep = ~shapely.is_empty(clipped)
     return gpd.GeoSeries(clipped[keep], crs=grid.crs)

@@ -485,11 +485,10 @@ def run_model(
     """
     meta = bundle.meta
     repeat = match_bands(info, meta.bands)
-    if info.parent is None:
-        tiles = plan_tiles(info.height, info.width, tile_size=tile_size, overlap=overlap)
-    else:  # a crop runs its parent's tiles, so it blends exactly as a run over the whole parent would
-        tiles = plan_tiles(info.parent.height, info.parent.width, tile_size=tile_size, overlap=overlap,
-                           window=(info.row_off, info.row_off + info.height, info.col_off, info.col_off + info.width))
+    # a crop runs its parent's tiles that touch it, so it blends exactly as a run over the whole parent
+    grid = info.parent if info.parent is not None else info
+    tiles = plan_tiles(grid.height, grid.width, tile_size=tile_size, overlap=overlap,
+                       window=(info.row_off, info.row_off + info.height, info.col_off, info.col_off + info.width))
     fill = np.asarray(meta.mean, dtype=np.float32)
     window = weight_window(tile_size, kind=options.blend, overlap=overlap)
     chunks = column_chunks(info.width, options.chunk_width)

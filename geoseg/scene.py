@@ -401,7 +401,6 @@ def at_gsd(info: SceneInfo, gsd: float) -> SceneInfo:
             import shapely
 
             aoi = shapely.buffer(aoi, 1.5 * abs(whole.transform.a))
-            shapely.prepare(aoi)
         return crop(whole, *window, aoi=aoi)
     scale = gsd / info.gsd
     width = max(1, int(round(info.width / scale)))
