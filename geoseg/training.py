@@ -1189,7 +1189,9 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
     """Train a model as ``cfg`` says and write the best epoch's bundle to ``output`` (``.keras``).
 
     Beside it: ``MODEL.log.csv`` (one row per epoch) and, while training, ``MODEL.resume/``
-    (removed when the bundle is written). ``resume=True`` continues an interrupted run from its
+    (removed when the bundle is written, unless ``max_minutes`` stopped the run before its last
+    epoch: then the bundle holds the best epoch so far and the state stays, so a resume with a
+    larger budget trains the remaining epochs). ``resume=True`` continues an interrupted run from its
     state; the settings then come from the state (``cfg`` may change only ``epochs``,
     ``patience`` and ``max_minutes``). InputError / OutputError for anything the user can fix.
     """
@@ -1458,7 +1460,12 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
     from geoseg.models import save_bundle
 
     sha = save_bundle(final, meta, output)
-    state_dir.remove()
+    if stopped == "time_budget":  # epochs remain: the run can go on with a larger budget
+        log.info("the run's state stays in %s: to train the remaining epochs %d-%d, rerun with --resume and a "
+                 "--max-minutes above the %.0f minutes spent so far", state_dir.folder, epoch + 1, cfg.epochs,
+                 elapsed / 60)
+    else:
+        state_dir.remove()
     return TrainResult(
         output=str(output), sha256=sha, log=str(log_path), name=meta.name, classes=class_names,
         best_epoch=best_epoch, best_val_miou=round(best, 6) if val_batches else None,

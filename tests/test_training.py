@@ -180,6 +180,28 @@ def test_resume_continues_from_the_saved_epoch_and_matches_an_uninterrupted_run(
         train(cfg, out, resume=True)
 
 
+def test_a_run_stopped_by_its_time_budget_keeps_its_state_and_resumes_with_a_larger_one(data, tmp_path):
+    from geoseg.models import load_bundle
+
+    _, scenes = data
+    cfg = TrainConfig(images=[str(scenes[0][0])], labels=[str(scenes[0][1])], epochs=3, steps_per_epoch=5, **TINY)
+    reference = train(cfg, tmp_path / "ref.keras")
+
+    out = tmp_path / "run.keras"
+    stopped = train(dataclasses.replace(cfg, max_minutes=1e-6), out)  # every epoch overruns this budget
+    assert stopped.stopped == "time_budget" and stopped.epochs_run == 1
+    assert out.exists() and resume_dir_for(out).exists()  # the best epoch so far, and the state to go on
+    assert json.loads((resume_dir_for(out) / "state.json").read_text())["epoch"] == 1
+
+    resumed = train(dataclasses.replace(cfg, max_minutes=60), out, resume=True)
+    assert resumed.stopped == "completed" and resumed.resumed_from == 1 and resumed.epochs_run == 3
+    assert not resume_dir_for(out).exists()
+    assert _rows(log_path_for(out)) == _rows(reference.log)
+    a, b = load_bundle(out).model, load_bundle(tmp_path / "ref.keras").model
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
+
+
 def test_ema_averages_the_weights_and_swaps_them_in_only_while_applied():
     from geoseg.training import _Averaged
 

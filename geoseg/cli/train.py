@@ -132,7 +132,9 @@ def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
 @click.option("--name", default=None, help="Model name in the bundle. Default: the output's file name.")
 @click.option("--description", default="", help="Description stored in the bundle (data, licences).")
 @click.option("--max-minutes", type=float, default=None,
-              help="Stop after the epoch that would pass this wall-clock budget.")
+              help="Stop after the epoch that would pass this wall-clock budget, counting every part of a "
+                   "resumed run. The bundle then holds the best epoch so far, and --resume with a larger "
+                   "budget trains the remaining epochs.")
 @click.option("--init-from", type=click.Path(dir_okay=False), default=None, metavar="MODEL.keras",
               help="Fine-tune this bundle (e.g. geoseg's built-in buildings.keras): start from its weights and "
                    "normalisation, at its GSD unless --gsd is given. Architecture, width, depth, classes and band "
