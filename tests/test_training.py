@@ -39,7 +39,7 @@ from geoseg.training import (
     train,
     validation_windows,
 )
-from tests.conftest import write_raster
+from tests.conftest import REPO, write_raster
 
 keras = pytest.importorskip("keras")
 ORIGIN = (500000, 5000000)
@@ -601,3 +601,12 @@ def test_user_errors_are_one_line_with_exit_code_1(data, tmp_path):
     assert_one_line_error(invoke("train", "--images", a[0], "--labels", a[1], "-o", out, "--label-values", "1=tree"),
                           "'tree' is not a class")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_committed_recipe_is_a_valid_config(path):
+    """The configs the model cards cite: each parses into a training config (no data is read)."""
+    from geoseg.training import read_config
+
+    cfg = TrainConfig.from_dict(read_config(path))
+    assert cfg.epochs > 0 and cfg.gsd and cfg.images and len(cfg.images) == len(cfg.labels)
