@@ -319,8 +319,11 @@ def test_a_full_disk_part_way_is_a_clean_error(work, models, monkeypatch):
 
 
 def run_geoseg(*args, limit_bytes: int | None = None, **kwargs) -> subprocess.Popen:
-    """The installed entry point in a real process (``geoseg.cli:main``)."""
+    """The installed entry point in a real process (``geoseg.cli:main``), with Ctrl-C handled as in
+    a terminal even when the tests run in the background (a shell's ``cmd &`` ignores SIGINT, and
+    the child would inherit that)."""
     def limit():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         if limit_bytes is not None:
             import resource
 
