@@ -1,6 +1,6 @@
 """Choose the building decision threshold of a buildings model on its validation scenes.
 
-    python configs/tune_threshold.py [--model PATH] [--write OUT.keras]
+    python configs/tune_threshold.py [--model PATH] [--scales 1,2 --scale-merge mean] [--write OUT.keras [--keep-threshold]]
 
 Runs the full predict pipeline once per scene (probabilities on the scene's own grid), then scores
 the building IoU at each threshold from the probabilities: pixels labelled ``ignore`` take no part,
@@ -9,7 +9,9 @@ validation groups of ``configs/buildings_finetune.toml`` (the Kampala block; ima
 Dubai tile 2), each group counted once, so the few drone pixels weigh as much as the many Dubai
 ones. The other scenes (Dubai tile 2's other six images, the Nairobi block) took no part in training
 or in any choice: they show whether the threshold carries over. ``--write`` saves a copy of the
-bundle with that threshold as its default (``geoseg predict --threshold`` overrides it).
+bundle with that threshold as its default (``geoseg predict --threshold`` overrides it), and with
+``--scales``/``--scale-merge`` as its default zooms (``geoseg.scales``) when they are given;
+``--keep-threshold`` keeps the bundle's own threshold (only the zooms change).
 Needs ``../shared/data`` and ``python configs/prepare_dubai.py``.
 """
 
@@ -45,7 +47,7 @@ GROUPS = {  # name: (used to choose?, [(image, labels, label_values)])
 }
 
 
-def counts(bundle, image: Path, labels: Path, label_values: str | None, building: int) -> np.ndarray:
+def counts(bundle, image: Path, labels: Path, label_values: str | None, building: int, options) -> np.ndarray:
     """(intersection, union) of building pixels per threshold on one scene."""
     from geoseg.labels import IGNORE, LabelReader, parse_label_values
     from geoseg.predict import predict
@@ -56,7 +58,7 @@ def counts(bundle, image: Path, labels: Path, label_values: str | None, building
     value_map = parse_label_values(label_values, names) if label_values else None
     with tempfile.TemporaryDirectory() as tmp:
         probs_path = Path(tmp) / "p.tif"
-        predict(image, Path(tmp) / "o.gpkg", probs_out=probs_path, bundle=bundle)
+        predict(image, Path(tmp) / "o.gpkg", probs_out=probs_path, bundle=bundle, options=options)
         with rasterio.open(probs_path) as ds:
             p = ds.read(building + 1)
             covered = ds.read_masks(1) > 0
@@ -74,17 +76,25 @@ def counts(bundle, image: Path, labels: Path, label_values: str | None, building
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="buildings", help="bundle path or built-in name (default: buildings)")
+    parser.add_argument("--scales", default=None, help="zooms to run and merge, e.g. 1,2 (default: the model's)")
+    parser.add_argument("--scale-merge", default=None, choices=["max", "mean"], help="default: the model's")
+    parser.add_argument("--precision", default="float32")
     parser.add_argument("--write", type=Path, default=None, help="save the bundle with the chosen threshold here")
+    parser.add_argument("--keep-threshold", action="store_true", help="with --write: keep the bundle's threshold")
     args = parser.parse_args()
     from geoseg.models.bundle import load_bundle, resolve_model, save_bundle
+    from geoseg.predict import PredictOptions
+    from geoseg.scales import parse_scales
 
-    bundle = load_bundle(resolve_model(args.model))
+    options = PredictOptions(precision=args.precision, scales=parse_scales(args.scales), scale_merge=args.scale_merge)
+
+    bundle = load_bundle(resolve_model(args.model), precision=args.precision)
     building = list(bundle.meta.class_names).index("building")
     # score what the network gives: the bundle's own threshold must not move the probabilities, and
     # predict's classes are not used here
     rows = {}
     for name, (_, scenes) in GROUPS.items():
-        total = sum(counts(bundle, *scene, building) for scene in scenes)
+        total = sum(counts(bundle, *scene, building, options) for scene in scenes)
         rows[name] = total[:, 0] / np.maximum(total[:, 1], 1)
         print(f"scored {name}", file=sys.stderr, flush=True)
     chosen_on = [name for name, (choose, _) in GROUPS.items() if choose]
@@ -97,9 +107,14 @@ def main() -> int:
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"\nchosen: building={THRESHOLDS[best]:g} (0.5 is the plain most probable class)")
     if args.write:
-        classes = tuple(dataclasses.replace(c, threshold=THRESHOLDS[best]) if i == building else c
-                        for i, c in enumerate(bundle.meta.classes))
-        sha = save_bundle(bundle.model, dataclasses.replace(bundle.meta, classes=classes), args.write)
+        classes = tuple(dataclasses.replace(c, threshold=THRESHOLDS[best]) if i == building and not args.keep_threshold
+                        else c for i, c in enumerate(bundle.meta.classes))
+        meta = dataclasses.replace(bundle.meta, classes=classes)
+        if options.scales is not None:
+            meta = dataclasses.replace(meta, scales=options.scales)
+        if options.scale_merge is not None:
+            meta = dataclasses.replace(meta, scale_merge=options.scale_merge)
+        sha = save_bundle(bundle.model, meta, args.write)
         print(f"wrote {args.write} (sha256 {sha})")
     return 0
 

@@ -224,6 +224,7 @@ def predict_options(table: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     """PredictOptions and the predict() keywords (regularize) from a manifest's ``[predict]`` table."""
     from geoseg.cleanup import parse_per_class
     from geoseg.predict import PredictOptions, check_options, parse_min_area
+    from geoseg.scales import parse_scales
 
     fields = {f.name for f in dataclasses.fields(PredictOptions)}
     kw = dict(table)
@@ -244,6 +245,8 @@ def predict_options(table: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
         kw["bands"] = tuple(int(b) for b in kw["bands"])
     if "gsd" in kw:
         kw["gsd"] = str(kw["gsd"])
+    if "scales" in kw:
+        kw["scales"] = parse_scales(kw["scales"], "[predict] scales")
     try:
         options = PredictOptions(**kw)
         check_options(options)

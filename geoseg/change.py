@@ -620,7 +620,9 @@ def change(
                 "model_path": model_info["path"], "tile_size": str(predict_options.tile_size or ""),
                 "overlap": str("" if predict_options.overlap is None else predict_options.overlap),
                 "batch_size": str(predict_options.batch_size), "blend": predict_options.blend,
-                "precision": model_info["precision"], "gsd": predict_options.gsd, "tta": predict_options.tta}
+                "precision": model_info["precision"], "gsd": predict_options.gsd, "tta": predict_options.tta,
+                **({"scales": ",".join(f"{z:g}" for z in predict_options.scales)} if predict_options.scales else {}),
+                **({"scale_merge": predict_options.scale_merge} if predict_options.scale_merge else {})}
                if model_info else {}),
             "class_names": ",".join(names),
             "background": ",".join(names[i] for i in sorted(background)),

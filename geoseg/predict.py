@@ -58,6 +58,9 @@ class PredictOptions:
     gsd: str = "auto"  # "auto": resample when outside the model's GSD range; "native"; or metres
     stretch: str = "auto"  # "auto": match value ranges when the scene's dtype differs from the model's; "none"
     tta: str = "none"  # test-time augmentation: "none", "flips" (4 passes) or "d4" (8 passes)
+    # zooms of the working grid run and merged (geoseg.scales), e.g. (1.0, 2.0); None: the model's
+    scales: tuple[float, ...] | None = None
+    scale_merge: str | None = None  # "max" or "mean"; None: the model's
     # decision threshold: one value, or {class: probability} over the model's per-class thresholds
     threshold: float | Mapping[str, float] | None = None
     # clean-up (geoseg.cleanup): one value, or {class: value} over the model's per-class defaults
@@ -134,6 +137,28 @@ def effective_tiling(info: SceneInfo, *, tile_size: int, overlap: int, multiple:
         if overlap >= tile_size:
             overlap = 0
     return tile_size, overlap
+
+
+def tiling_for(info: SceneInfo, meta, options: "PredictOptions") -> tuple[int, int]:
+    """Tile size and overlap for ``info``: the options', else the model's, shrunk for a small scene."""
+    return effective_tiling(
+        info,
+        tile_size=options.tile_size or meta.tile_size,
+        overlap=meta.overlap if options.overlap is None else options.overlap,
+        multiple=meta.size_multiple,
+    )
+
+
+def plan_chunks(info: SceneInfo, tile_size: int, overlap: int,
+                chunk_width: int) -> tuple[list[Tile], list[list[Tile]], list[tuple[int, int]]]:
+    """The tiles of ``info`` (a crop: its parent's tiles that touch it), the tiles each column chunk
+    runs (a tile on a chunk edge is run by both) and the chunks' column ranges."""
+    grid = info.parent if info.parent is not None else info
+    tiles = plan_tiles(grid.height, grid.width, tile_size=tile_size, overlap=overlap,
+                       window=(info.row_off, info.row_off + info.height, info.col_off, info.col_off + info.width))
+    chunks = column_chunks(info.width, chunk_width)
+    per_chunk = [[t for t in tiles if t.col < b and t.col + tile_size > a] for a, b in chunks]
+    return tiles, per_chunk, chunks
 
 
 def value_stretch(info: SceneInfo, meta, mode: str = "auto") -> tuple[float, float] | None:
@@ -486,18 +511,14 @@ def run_model(
     meta = bundle.meta
     repeat = match_bands(info, meta.bands)
     # a crop runs its parent's tiles that touch it, so it blends exactly as a run over the whole parent
-    grid = info.parent if info.parent is not None else info
-    tiles = plan_tiles(grid.height, grid.width, tile_size=tile_size, overlap=overlap,
-                       window=(info.row_off, info.row_off + info.height, info.col_off, info.col_off + info.width))
+    tiles, per_chunk, chunks = plan_chunks(info, tile_size, overlap, options.chunk_width)
     fill = np.asarray(meta.mean, dtype=np.float32)
     window = weight_window(tile_size, kind=options.blend, overlap=overlap)
-    chunks = column_chunks(info.width, options.chunk_width)
     stretch = value_stretch(info, meta, options.stretch)
     bias = decision_bias(list(thresholds(options, meta).values()))
     timings = timings if timings is not None else {}
     t_model = t_blend = t_wait = 0.0
     skipped: set[int] = set()
-    per_chunk = [[t for t in tiles if t.col < b and t.col + tile_size > a] for a, b in chunks]
     total = sum(map(len, per_chunk))  # tiles on chunk edges count once per chunk
     done = run = 0
     for (a, b), chunk_tiles in zip(chunks, per_chunk):
@@ -649,6 +670,27 @@ def check_options(options: PredictOptions) -> None:
         raise InputError(f"--tta {options.tta!r} is not one of {', '.join(TTA)}")
     if options.polygonize not in ("live", "after"):
         raise InputError(f"--polygonize {options.polygonize!r} is not one of live, after")
+    from geoseg.scales import MERGES, check_scales
+
+    if options.scales is not None:
+        check_scales(options.scales, options.scale_merge or "mean")
+    elif options.scale_merge is not None and options.scale_merge not in MERGES:
+        raise InputError(f"--scale-merge {options.scale_merge!r} is not one of {', '.join(MERGES)}")
+
+
+def scales_for(options: PredictOptions, meta) -> tuple[tuple[float, ...], str]:
+    """The zooms to run and how to merge them (``geoseg.scales``): the options', else the model's."""
+    return (options.scales or meta.scales, options.scale_merge or meta.scale_merge)
+
+
+def grids_for(info: SceneInfo, meta, options: PredictOptions, *, quiet: bool = False) -> list[tuple[float, SceneInfo]]:
+    """``(zoom, grid)`` for each run of the model over ``info``: one, on the working grid, unless
+    the options or the model ask for more zooms (``geoseg.scales.scale_grids``)."""
+    from geoseg.scales import scale_grids
+
+    work = working_grid(info, meta, options.gsd, quiet=quiet)
+    scales, _ = scales_for(options, meta)
+    return scale_grids(info, work, scales, quiet=quiet) if len(scales) > 1 else [(1.0, work)]
 
 
 TTA = {
@@ -767,8 +809,10 @@ def load_model_for(model: str | os.PathLike | None, options: PredictOptions):
 def streams_rows(info: SceneInfo, meta, options: PredictOptions) -> bool:
     """Whether ``segment`` can hand its strips on as it finishes them (``on_rows``): a scene of one
     column chunk (``options.chunk_width``) that the model reads on its own grid."""
-    return (len(column_chunks(info.width, options.chunk_width)) == 1
-            and working_grid(info, meta, options.gsd, quiet=True) is info)
+    if len(column_chunks(info.width, options.chunk_width)) != 1:
+        return False
+    grids = grids_for(info, meta, options, quiet=True)
+    return len(grids) == 1 and grids[0][1] is info
 
 
 def segment(
@@ -793,20 +837,22 @@ def segment(
     meta = bundle.meta
     if on_rows is not None and not streams_rows(info, meta, options):
         raise ValueError("on_rows needs a scene of one column chunk on its own grid (see streams_rows)")
-    work = working_grid(info, meta, options.gsd)
+    grids = grids_for(info, meta, options)
+    if len(grids) > 1:
+        from geoseg.scales import segment_scales
+
+        return segment_scales(info, grids, bundle, Path(out_dir), merge=scales_for(options, meta)[1],
+                              options=options, probs=probs, progress=progress,
+                              timings=timings if timings is not None else {})
+    work = grids[0][1]
     if work is not info:
         out_dir = Path(out_dir)
         (out_dir / "work").mkdir(exist_ok=True)
-        seg = segment(work, bundle, out_dir / "work", options=dataclasses.replace(options, gsd="native"),
+        seg = segment(work, bundle, out_dir / "work", options=dataclasses.replace(options, gsd="native", scales=(1.0,)),
                       probs=probs, progress=progress, timings=timings)
         back = resample_to_scene(seg, info, out_dir, classes=len(meta.classes), chunk_width=options.chunk_width)
         return dataclasses.replace(back, work_gsd=seg.info.gsd)
-    tile_size, overlap = effective_tiling(
-        info,
-        tile_size=options.tile_size or meta.tile_size,
-        overlap=meta.overlap if options.overlap is None else options.overlap,
-        multiple=meta.size_multiple,
-    )
+    tile_size, overlap = tiling_for(info, meta, options)
     sinks = RasterSinks(info, classes=len(meta.classes), scratch=Path(out_dir), probs=probs, on_rows=on_rows)
     try:
         tiles = run_model(info, bundle, tile_size=tile_size, overlap=overlap, options=options,
@@ -956,6 +1002,8 @@ def predict(
             "blend": options.blend,
             "precision": bundle.precision,
             "tta": options.tta,
+            "scales": ",".join(f"{z:g}" for z in seg.tiles.get("scales", [1.0])),
+            **({"scale_merge": scales_for(options, meta)[1]} if len(seg.tiles.get("scales", [1.0])) > 1 else {}),
             "threshold": ",".join(f"{k}={v:g}" for k, v in threshold.items()),
             "regularize": str(regularize).lower(),
             "min_area_m2": ",".join(f"{k}={v:g}" for k, v in min_area.items()),

@@ -199,6 +199,8 @@ class TrainConfig:
     datasets: tuple[Dataset, ...] = ()  # more labelled scenes, each with its own label conventions
     init_from: str | None = None  # a bundle to fine-tune: its weights, normalisation and (by default) GSD
     threshold: str | None = None  # decision thresholds stored in the bundle: "building=0.3" (predict --threshold)
+    scales: Any = None  # zooms stored in the bundle as predict's default: "1,2" or [1, 2] (predict --scales)
+    scale_merge: str | None = None  # how they merge: "max" or "mean" (predict --scale-merge)
     aoi: str | None = None  # polygons (any vector file) outside which the top-level labels count for nothing
 
     def __post_init__(self) -> None:
@@ -1220,6 +1222,10 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
     multiple = size_multiple(cfg.depth) if isinstance(cfg.depth, int) and not isinstance(cfg.depth, bool) and cfg.depth >= 0 else 1
     _check_config(cfg, multiple)
     class_infos = with_thresholds(parse_classes(cfg.classes), cfg.threshold)
+    from geoseg.scales import check_scales, parse_scales
+
+    zooms = parse_scales(cfg.scales, "--scales") or (1.0,)
+    check_scales(zooms, cfg.scale_merge or "mean")
     class_names = [c.name for c in class_infos]
     nclasses = len(class_infos)
     class_weights = parse_class_weights(cfg.class_weights, nclasses)
@@ -1454,7 +1460,7 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
         mean=tuple(map(float, mean)), std=tuple(map(float, std)), architecture=cfg.arch,
         arch_config=_arch_config(cfg, len(band_names), nclasses), size_multiple=multiple,
         tile_size=cfg.tile_size, overlap=cfg.overlap, gsd=gsd, gsd_range=gsd_range,
-        dtype=str(all_scenes[0].image.dtype), value_range=_value_range(all_scenes, train_rects),
+        scales=zooms, scale_merge=cfg.scale_merge or "mean", dtype=str(all_scenes[0].image.dtype), value_range=_value_range(all_scenes, train_rects),
         description=(description.strip().rstrip(".") + score_text).strip(),
     )
     from geoseg.models import save_bundle

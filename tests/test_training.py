@@ -535,7 +535,7 @@ def test_config_file_with_relative_paths_and_cli_overrides(data, tmp_path):
         f'images = ["{rel(scenes[0][0])}"]\nlabels = ["{rel(scenes[0][1])}"]\n'
         f'val_images = ["{rel(scenes[1][0])}"]\nval-labels = ["{rel(scenes[1][1])}"]\n'
         f'classes = ["background", "building:#ff0000"]\nchip-size = 32\nwidth = 4\ndepth = 2\n'
-        f'epochs = 5\nsteps_per_epoch = 2\n[augment]\ngrayscale = 0.5\n'
+        f'epochs = 5\nsteps_per_epoch = 2\nscales = [1, 2]\nscale-merge = "max"\n[augment]\ngrayscale = 0.5\n'
     )
     values = read_config(cfg_dir / "tiny.toml")
     assert len(values["images"]) == 1 and os.path.samefile(values["images"][0], scenes[0][0])
@@ -553,6 +553,7 @@ def test_config_file_with_relative_paths_and_cli_overrides(data, tmp_path):
 
     bundle = load_bundle(out)
     assert bundle.meta.colors[1] == (255, 0, 0) and bundle.meta.arch_config["width"] == 4
+    assert bundle.meta.scales == (1.0, 2.0) and bundle.meta.scale_merge == "max"  # predict's default zooms
     assert {layer.dtype_policy.name for layer in bundle.model.layers} == {"float32"}  # saved for any precision
 
     (cfg_dir / "bad.toml").write_text('imagez = ["a.tif"]\n')
@@ -600,6 +601,8 @@ def test_user_errors_are_one_line_with_exit_code_1(data, tmp_path):
                           "one weight per training image")
     assert_one_line_error(invoke("train", "--images", a[0], "--labels", a[1], "-o", out, "--label-values", "1=tree"),
                           "'tree' is not a class")
+    assert_one_line_error(invoke("train", "--images", a[0], "--labels", a[1], "-o", out, "--scales", "2"),
+                          "--scales 2: include 1")
     assert not out.exists()
 
 

@@ -24,6 +24,8 @@ def models(as_json: bool) -> None:
         gsd = e.get("gsd")
         gsd_text = f"{gsd:.3g} m" if gsd else "any GSD"
         thresholds = "".join(f"; threshold {k}={v:g}" for k, v in e["thresholds"].items())
+        zooms = (f"; zooms {','.join(f'{z:g}' for z in e['scales'])} merged by {e['scale_merge']}"
+                 if len(e["scales"]) > 1 else "")
         click.echo(f"{e['name']}{' (default)' if e.get('default') else ''}: "
-                   f"{', '.join(e['classes'])}{thresholds}; bands {', '.join(e['bands'])}; {gsd_text}; "
+                   f"{', '.join(e['classes'])}{thresholds}; bands {', '.join(e['bands'])}; {gsd_text}{zooms}; "
                    f"{e['architecture']}; sha256 {e['sha256'][:12]}")

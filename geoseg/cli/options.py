@@ -112,6 +112,14 @@ _INFERENCE = [
     click.option("--tta", type=click.Choice(["none", "flips", "d4"]), default="none", show_default=True,
                  help="Test-time augmentation: average the logits of flipped (4 passes) or flipped and "
                       "turned (d4, 8 passes) tiles; costs that many times the model time."),
+    click.option("--scales", default=None, metavar="1,ZOOM,...",
+                 help="Multi-scale inference: also run the model at these zooms of the grid it runs on (2: "
+                      "pixels half as large, objects twice as big) and merge the probabilities on the scene's "
+                      "grid. A zoom never reads finer than the scene's own pixels (left out when it would). "
+                      "Each zoom z costs z² the model time. Default: the model's (`geoseg models`), else 1."),
+    click.option("--scale-merge", type=click.Choice(["max", "mean"]), default=None,
+                 help="How --scales merges the zooms: max (each class but background takes its highest "
+                      "probability: found at any zoom counts) or mean. Default: the model's, else mean."),
     click.option("--threshold", default=None, metavar="P|CLASS=P,...",
                  help="Decision threshold, one value for every class but background or per class: with two "
                       "classes a pixel is building where its probability is at least P (0.3 finds more, 0.7 "
@@ -120,7 +128,7 @@ _INFERENCE = [
                       "probable class. The probabilities written are unchanged."),
 ]
 _INFERENCE_KEYS = ("tile_size", "overlap", "batch_size", "blend", "precision", "gsd", "stretch", "bands", "assume_crs",
-                   "tta")
+                   "tta", "scale_merge")
 
 
 def inference_options(f: Callable) -> Callable:
@@ -135,8 +143,11 @@ def pop_predict_options(kwargs: dict[str, Any], **extra: Any) -> Any:
     from geoseg.cleanup import parse_per_class
     from geoseg.predict import PredictOptions
 
+    from geoseg.scales import parse_scales
+
     threshold = parse_per_class(kwargs.pop("threshold"), "--threshold", "P")
-    return PredictOptions(**{k: kwargs.pop(k) for k in _INFERENCE_KEYS}, threshold=threshold, **extra)
+    scales = parse_scales(kwargs.pop("scales"))
+    return PredictOptions(**{k: kwargs.pop(k) for k in _INFERENCE_KEYS}, threshold=threshold, scales=scales, **extra)
 
 
 _CENTERLINES = [

@@ -143,6 +143,10 @@ def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
               help="Decision threshold stored in the bundle as predict's default (see predict --threshold): one "
                    "value for every class but background, or per class, e.g. building=0.3 when the model is too "
                    "cautious. Default: 0.5.")
+@click.option("--scales", default=None, metavar="1,ZOOM,...",
+              help="Zooms stored in the bundle as predict's default (see predict --scales), e.g. 1,2. Default: 1.")
+@click.option("--scale-merge", type=click.Choice(["max", "mean"]), default=None,
+              help="How predict merges those zooms by default (see predict --scale-merge). Default: mean.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from the state beside -o.")
 @overwrite_option
 @json_option

@@ -181,6 +181,9 @@ class BundleMeta:
     # linearly so that its own 2nd-98th percentiles land on this range.
     dtype: str = ""
     value_range: tuple[float, float] | None = None
+    # zooms of the working grid predict runs and merges by default (geoseg.scales), and how
+    scales: tuple[float, ...] = (1.0,)
+    scale_merge: str = "mean"
     description: str = ""
     format_version: int = FORMAT_VERSION
     geoseg_version: str = geoseg.__version__
@@ -262,6 +265,14 @@ class BundleMeta:
             if len(rng) != 2 or not 0 < rng[0] <= rng[1]:
                 raise _fail(f"gsd_range must be [min, max] with 0 < min <= max, got {self.gsd_range!r}")
             set_(self, "gsd_range", rng)
+        from geoseg.scales import check_scales
+
+        scales = tuple(_as_float("scales", v) for v in _as_tuple("scales", self.scales))
+        try:
+            check_scales(scales, self.scale_merge, what="scales")
+        except InputError as exc:
+            raise _fail(str(exc)) from None
+        set_(self, "scales", scales)
         if not isinstance(self.dtype, str):
             raise _fail(f"dtype must be a string such as 'uint8', got {self.dtype!r}")
         if self.value_range is not None:
@@ -282,7 +293,7 @@ class BundleMeta:
         """A JSON-ready dict (tuples become lists); ``from_dict(to_dict())`` gives an equal object."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["classes"] = [c.to_dict() for c in self.classes]
-        for key in ("background", "bands", "mean", "std"):
+        for key in ("background", "bands", "mean", "std", "scales"):
             d[key] = list(d[key])
         if self.gsd_range is not None:
             d["gsd_range"] = list(self.gsd_range)
@@ -613,6 +624,8 @@ def list_builtin() -> list[dict[str, Any]]:
                 "architecture": meta.architecture,
                 "tile_size": meta.tile_size,
                 "overlap": meta.overlap,
+                "scales": list(meta.scales),
+                "scale_merge": meta.scale_merge,
                 "description": meta.description,
                 "default": name == DEFAULT_MODEL,
             }
