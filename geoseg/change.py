@@ -512,7 +512,7 @@ def change(
     from geoseg import outputs, polygons
     from geoseg.models.bundle import read_meta, resolve_model
     from geoseg.predict import (_Background, _release_keras, _sha256_or_blank, check_options, load_model_for, segment,
-                                thresholds)
+                                scales_for, thresholds)
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -590,8 +590,10 @@ def change(
                 dates[i] = replace(d, read_path=str(seg.probs_path), read_kind="probs",
                                    thresholds=tuple(thresholds(predict_options, meta).values()))
             timings["segment"] = round(time.perf_counter() - t0, 3)
+            zooms, merge = scales_for(predict_options, meta)
             model_info = {"name": meta.name, "sha256": bundle.sha256, "path": str(bundle.path),
-                          "precision": bundle.precision}
+                          "precision": bundle.precision, "scales": ",".join(f"{z:g}" for z in zooms),
+                          **({"scale_merge": merge} if len(zooms) > 1 else {})}
             if own_model:  # the rest does not need the model: give its memory back
                 bundle = None
                 _release_keras()
@@ -621,8 +623,7 @@ def change(
                 "overlap": str("" if predict_options.overlap is None else predict_options.overlap),
                 "batch_size": str(predict_options.batch_size), "blend": predict_options.blend,
                 "precision": model_info["precision"], "gsd": predict_options.gsd, "tta": predict_options.tta,
-                **({"scales": ",".join(f"{z:g}" for z in predict_options.scales)} if predict_options.scales else {}),
-                **({"scale_merge": predict_options.scale_merge} if predict_options.scale_merge else {})}
+                **{k: model_info[k] for k in ("scales", "scale_merge") if k in model_info}}
                if model_info else {}),
             "class_names": ",".join(names),
             "background": ",".join(names[i] for i in sorted(background)),

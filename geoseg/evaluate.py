@@ -801,7 +801,8 @@ def evaluate(
     result.scene = str(info.path)
     result.labels = str(labels)
     result.class_path = None  # it was temporary
-    result.model = {"name": meta.name, "sha256": bundle.sha256, "path": str(bundle.path)}
+    result.model = {"name": meta.name, "sha256": bundle.sha256, "path": str(bundle.path),
+                    "scales": ",".join(f"{z:g}" for z in seg.tiles.get("scales", [1.0]))}
     result.tiles = seg.tiles
     result.timings_s = timings
     return result

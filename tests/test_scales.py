@@ -202,3 +202,32 @@ def test_cli_refuses_zooms_without_1_in_one_line(tmp_path, fine_scene):
     assert res.exit_code == 1, res.output
     assert res.output.strip().splitlines() == ["Error: --scales 2,3: include 1 (the grid the model runs on), e.g. 1,2"]
     assert not (tmp_path / "o.gpkg").exists()
+
+
+def test_change_segments_both_dates_at_the_models_zooms_and_records_them(tmp_path, fine_scene):
+    from geoseg.change import change
+    from geoseg.outputs import read_run_metadata
+
+    path, _, _ = fine_scene
+    bundle = numpy_bundle(gsd=0.5, gsd_range=(0.4, 0.6))
+    bundle = dataclasses.replace(bundle, meta=dataclasses.replace(bundle.meta, scales=(1.0, 2.0), scale_merge="max"))
+    result = change(path, path, tmp_path / "c.gpkg", bundle=bundle)
+    assert result.model["scales"] == "1,2" and result.model["scale_merge"] == "max"
+    assert all(sum(c.values()) == 0 for c in result.counts.values())  # the same scene twice: no change
+    tags = read_run_metadata(tmp_path / "c.gpkg")
+    assert tags["scales"] == "1,2" and tags["scale_merge"] == "max"
+
+
+def test_evaluate_scores_the_merged_classes_and_names_the_zooms(tmp_path, fine_scene):
+    from geoseg.evaluate import evaluate
+
+    path, labels, hole = fine_scene
+    truth = write_raster(tmp_path / "truth.tif", labels.astype("uint8")[None], transform=FINE)
+    bundle = numpy_bundle(gsd=0.5, gsd_range=(0.4, 0.6))
+    _, cls, _, _ = run(tmp_path, path, "ms", bundle, scales=(1.0, 2.0))
+    result = evaluate(path, truth, bundle=bundle, options=PredictOptions(tile_size=32, overlap=8, scales=(1.0, 2.0)),
+                      label_values="0=background,1=class1,2=class2,3=class3", objects=False)
+    assert result.model["scales"] == "1,2"
+    valid = ~hole
+    expected = ((cls == 1) & (labels == 1) & valid).sum() / (((cls == 1) | (labels == 1)) & valid).sum()
+    assert result.classes["class1"].iou == pytest.approx(expected, abs=1e-9)

@@ -99,5 +99,6 @@ def format_table(result) -> str:
                      f"{'label lines' if r['reference'] == 'lines' else 'centre-lines of the labelled road pixels'}, "
                      f"{r['reference_m']:.0f} m; predicted {r['predicted_m']:.0f} m)")
     if result.model:
-        lines.append(f"model            {result.model['name']}  sha256 {result.model['sha256']}")
+        zooms = f"  zooms {result.model['scales']}" if result.model.get("scales", "1") != "1" else ""
+        lines.append(f"model            {result.model['name']}  sha256 {result.model['sha256']}{zooms}")
     return "\n".join(lines)
