@@ -165,6 +165,7 @@ def segment_scales(
         def report(done: int, _total: int, offset: int = offset) -> None:
             progress(offset + done, sum(totals))
 
+        log.info("zoom %g: reading %s at %.3g m", zoom, Path(info.path).name, grid.gsd)
         sub = Path(out_dir) / f"zoom{i}"
         sub.mkdir(exist_ok=True)
         run_timings: dict[str, float] = {}
@@ -172,7 +173,6 @@ def segment_scales(
                             timings=run_timings))
         for key, value in run_timings.items():
             timings[key] = round(timings.get(key, 0.0) + value, 3)
-        log.info("zoom %g: %s read at %.3g m", zoom, Path(info.path).name, grid.gsd)
     t0 = time.perf_counter()
     merged = merge_to_scene(runs, info, Path(out_dir), merge=merge, background=meta.background,
                             thresholds=_thresholds(options, meta), probs=probs, chunk_width=options.chunk_width)
@@ -240,8 +240,4 @@ def merge_to_scene(runs: list[Segmentation], info: SceneInfo, out_dir: Path, *, 
         sinks.close()
     return Segmentation(info=info, class_path=sinks.class_path, score_path=sinks.score_path,
                         probs_path=sinks.probs_path, tiles={}, tile_size=0, overlap=0,
-                        pixels={name: int(n) for name, n in zip(_names(runs), sinks.counts)})
-
-
-def _names(runs: list[Segmentation]) -> list[str]:
-    return list(runs[0].pixels)
+                        pixels={name: int(n) for name, n in zip(runs[0].pixels, sinks.counts)})
