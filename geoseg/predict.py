@@ -7,6 +7,8 @@ Each step lives in its own module; this one wires them together, streaming:
 - the model runs on one batch at a time (``predict_on_batch``: no per-call overhead);
 - the strip accumulator blends the logits and hands finished rows to the writers, which append
   them to tiled GeoTIFFs in a scratch folder;
+- with several zooms (``geoseg.scales``), all of the above runs once per zoom and the runs'
+  probabilities are merged on the scene's grid;
 - the class raster is polygonized into the GeoPackage and copied to a COG;
 - all outputs are renamed into place together at the end (``atomic.Staging``).
 """
