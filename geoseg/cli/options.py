@@ -116,7 +116,7 @@ _INFERENCE = [
                  help="Multi-scale inference: also run the model at these zooms of the grid it runs on (2: "
                       "pixels half as large, objects twice as big) and merge the probabilities on the scene's "
                       "grid. A zoom never reads finer than the scene's own pixels (left out when it would). "
-                      "Each zoom z costs z² the model time. Default: the model's (`geoseg models`), else 1."),
+                      "Each zoom z runs z² times the tiles. Default: the model's (`geoseg models`), else 1."),
     click.option("--scale-merge", type=click.Choice(["max", "mean"]), default=None,
                  help="How --scales merges the zooms: max (each class but background takes its highest "
                       "probability: found at any zoom counts) or mean. Default: the model's, else mean."),
