@@ -1,6 +1,7 @@
 """Score a landcover model on the held-out Dubai tiles and the SpaceNet Las Vegas road chip.
 
     python configs/score_landcover.py [--model geoseg/models/bundled/landcover.keras] [--json out.json]
+                                      [--gsd auto|native|METRES] [--scales 1,ZOOM,... --scale-merge mean|max]
 
 Runs the full predict pipeline (``geoseg.evaluate.evaluate``, the library call behind
 ``geoseg evaluate``) on each scene and prints Markdown tables:
@@ -63,15 +64,20 @@ def main() -> None:
     ap.add_argument("--precision", default="float32")
     ap.add_argument("--json", default=None, help="also write every figure to this JSON file")
     ap.add_argument("--dubai-only", action="store_true", help="score only the held-out Dubai tiles")
+    ap.add_argument("--gsd", default="auto", help="as predict --gsd (the Dubai tiles and the Vegas chip)")
+    ap.add_argument("--scales", default=None, help="as predict --scales, e.g. 1,0.5 (default: the model's)")
+    ap.add_argument("--scale-merge", default=None, choices=["max", "mean"], help="as predict --scale-merge")
     args = ap.parse_args()
 
     from geoseg.evaluate import evaluate
     from geoseg.models.bundle import load_bundle
     from geoseg.predict import PredictOptions
+    from geoseg.scales import parse_scales
 
     bundle = load_bundle(args.model, precision=args.precision)
     names = list(bundle.meta.class_names)
-    options = PredictOptions(precision=args.precision)
+    options = PredictOptions(precision=args.precision, gsd=args.gsd, scales=parse_scales(args.scales),
+                             scale_merge=args.scale_merge)
     report: dict = {"model": {"path": args.model, "sha256": bundle.sha256}, "dubai": {}, "vegas": None}
 
     tiles = {}
