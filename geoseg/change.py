@@ -513,6 +513,7 @@ def change(
     from geoseg.models.bundle import read_meta, resolve_model
     from geoseg.predict import (_Background, _release_keras, _sha256_or_blank, check_options, load_model_for, segment,
                                 scales_for, thresholds)
+    from geoseg.scales import zoom_text
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -592,7 +593,7 @@ def change(
             timings["segment"] = round(time.perf_counter() - t0, 3)
             zooms, merge = scales_for(predict_options, meta)
             model_info = {"name": meta.name, "sha256": bundle.sha256, "path": str(bundle.path),
-                          "precision": bundle.precision, "scales": ",".join(f"{z:g}" for z in zooms),
+                          "precision": bundle.precision, "scales": zoom_text(zooms),
                           **({"scale_merge": merge} if len(zooms) > 1 else {})}
             if own_model:  # the rest does not need the model: give its memory back
                 bundle = None

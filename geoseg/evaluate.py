@@ -739,6 +739,7 @@ def evaluate(
     """
     from geoseg.models.bundle import load_bundle, read_meta, resolve_model
     from geoseg.predict import check_options, min_areas, segment, thresholds
+    from geoseg.scales import zoom_text
     from geoseg.scene import open_scene
 
     t_start = time.perf_counter()
@@ -802,7 +803,7 @@ def evaluate(
     result.labels = str(labels)
     result.class_path = None  # it was temporary
     result.model = {"name": meta.name, "sha256": bundle.sha256, "path": str(bundle.path),
-                    "scales": ",".join(f"{z:g}" for z in seg.tiles.get("scales", [1.0]))}
+                    "scales": zoom_text(seg.scales)}
     result.tiles = seg.tiles
     result.timings_s = timings
     return result

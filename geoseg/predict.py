@@ -582,6 +582,11 @@ class Segmentation:
     pixels: dict[str, int]  # pixel count per class
     work_gsd: float | None = None  # the GSD the model ran at, when the scene was read resampled
 
+    @property
+    def scales(self) -> list[float]:
+        """The zooms the model ran at (``geoseg.scales``); [1.0] for one run."""
+        return self.tiles.get("scales", [1.0])
+
 
 MAX_UPSAMPLING = 8.0
 
@@ -894,6 +899,7 @@ def predict(
     bounding box."""
     from geoseg import centrelines as roads
     from geoseg import outputs, polygons
+    from geoseg.scales import zoom_text
 
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -1004,8 +1010,8 @@ def predict(
             "blend": options.blend,
             "precision": bundle.precision,
             "tta": options.tta,
-            "scales": ",".join(f"{z:g}" for z in seg.tiles.get("scales", [1.0])),
-            **({"scale_merge": scales_for(options, meta)[1]} if len(seg.tiles.get("scales", [1.0])) > 1 else {}),
+            "scales": zoom_text(seg.scales),
+            **({"scale_merge": scales_for(options, meta)[1]} if len(seg.scales) > 1 else {}),
             "threshold": ",".join(f"{k}={v:g}" for k, v in threshold.items()),
             "regularize": str(regularize).lower(),
             "min_area_m2": ",".join(f"{k}={v:g}" for k, v in min_area.items()),

@@ -43,6 +43,11 @@ MERGES = ("max", "mean")
 MIN_GAIN = 1.1  # a zoom's grid must be at least this much finer (or coarser) than another's to run
 
 
+def zoom_text(scales: Sequence[float]) -> str:
+    """``(1.0, 2.0)`` -> ``"1,2"``: how zooms are written in messages and run metadata."""
+    return ",".join(f"{s:g}" for s in scales)
+
+
 def parse_scales(text: str | Sequence[float] | None, what: str = "--scales") -> tuple[float, ...] | None:
     """``"1,2"`` -> (1.0, 2.0); a sequence of numbers as it is; None stays None. Checked with
     :func:`check_scales`."""
@@ -65,13 +70,13 @@ def parse_scales(text: str | Sequence[float] | None, what: str = "--scales") -> 
 def check_scales(scales: Sequence[float], merge: str = "mean", *, what: str = "--scales") -> None:
     """InputError unless ``scales`` are distinct positive zooms including 1 and ``merge`` is known."""
     if not scales or any(not math.isfinite(s) or s <= 0 for s in scales):
-        raise InputError(f"{what} {','.join(f'{s:g}' for s in scales) or '(none)'}: zoom factors must be positive "
+        raise InputError(f"{what} {zoom_text(scales) or '(none)'}: zoom factors must be positive "
                          f"numbers, e.g. 1,2")
     if 1.0 not in scales:
-        raise InputError(f"{what} {','.join(f'{s:g}' for s in scales)}: include 1 (the grid the model runs on), "
+        raise InputError(f"{what} {zoom_text(scales)}: include 1 (the grid the model runs on), "
                          f"e.g. 1,{scales[0]:g}")
     if len(set(scales)) != len(scales):
-        raise InputError(f"{what} {','.join(f'{s:g}' for s in scales)}: each zoom once")
+        raise InputError(f"{what} {zoom_text(scales)}: each zoom once")
     if merge not in MERGES:
         raise InputError(f"--scale-merge {merge!r} is not one of {', '.join(MERGES)}")
 

@@ -1460,7 +1460,8 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
         mean=tuple(map(float, mean)), std=tuple(map(float, std)), architecture=cfg.arch,
         arch_config=_arch_config(cfg, len(band_names), nclasses), size_multiple=multiple,
         tile_size=cfg.tile_size, overlap=cfg.overlap, gsd=gsd, gsd_range=gsd_range,
-        scales=zooms, scale_merge=cfg.scale_merge or "mean", dtype=str(all_scenes[0].image.dtype), value_range=_value_range(all_scenes, train_rects),
+        scales=zooms, scale_merge=cfg.scale_merge or "mean", dtype=str(all_scenes[0].image.dtype),
+        value_range=_value_range(all_scenes, train_rects),
         description=(description.strip().rstrip(".") + score_text).strip(),
     )
     from geoseg.models import save_bundle

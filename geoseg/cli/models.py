@@ -12,6 +12,7 @@ from geoseg.cli.options import echo_json, json_option
 def models(as_json: bool) -> None:
     """List the built-in models (name, classes, bands, GSD, sha256)."""
     from geoseg.models.bundle import list_builtin
+    from geoseg.scales import zoom_text
 
     entries = list_builtin()
     if as_json:
@@ -24,7 +25,7 @@ def models(as_json: bool) -> None:
         gsd = e.get("gsd")
         gsd_text = f"{gsd:.3g} m" if gsd else "any GSD"
         thresholds = "".join(f"; threshold {k}={v:g}" for k, v in e["thresholds"].items())
-        zooms = (f"; zooms {','.join(f'{z:g}' for z in e['scales'])} merged by {e['scale_merge']}"
+        zooms = (f"; zooms {zoom_text(e['scales'])} merged by {e['scale_merge']}"
                  if len(e["scales"]) > 1 else "")
         click.echo(f"{e['name']}{' (default)' if e.get('default') else ''}: "
                    f"{', '.join(e['classes'])}{thresholds}; bands {', '.join(e['bands'])}; {gsd_text}{zooms}; "
