@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--gsd", default="auto", help="as predict --gsd (the Dubai tiles and the Vegas chip)")
     ap.add_argument("--scales", default=None, help="as predict --scales, e.g. 1,0.5 (default: the model's)")
     ap.add_argument("--scale-merge", default=None, choices=["max", "mean"], help="as predict --scale-merge")
+    ap.add_argument("--tiles", default=",".join(map(str, HELD_OUT)),
+                    help="Dubai tiles to score (default: the held-out 2,3; a training tile shows the fit, not skill)")
     args = ap.parse_args()
 
     from geoseg.evaluate import evaluate
@@ -80,8 +82,9 @@ def main() -> None:
                              scale_merge=args.scale_merge)
     report: dict = {"model": {"path": args.model, "sha256": bundle.sha256}, "dubai": {}, "vegas": None}
 
+    chosen = tuple(int(t) for t in args.tiles.split(","))
     tiles = {}
-    for tile in HELD_OUT:
+    for tile in chosen:
         images = sorted((DUBAI / f"tile{tile}").glob("image_part_*[0-9].tif"))
         if not images:
             sys.exit(f"no images in {DUBAI / f'tile{tile}'}: run python configs/prepare_dubai.py")
@@ -95,10 +98,11 @@ def main() -> None:
             print(f"  tile {tile} {image.name}: " + ", ".join(f"{n} {v['iou']:.3f}" if v["iou"] is not None else f"{n} -"
                                                                for n, v in doc["classes"].items()), file=sys.stderr)
         tiles[tile] = (cm, roads)
-    rows = [(f"tile {t}", *tiles[t]) for t in HELD_OUT]
-    rows.append(("tiles " + " + ".join(map(str, HELD_OUT)), sum(tiles[t][0] for t in HELD_OUT),
-                 [r for t in HELD_OUT for r in tiles[t][1]]))
-    print("| held-out Dubai | " + " | ".join(f"{n} IoU" for n in names) + " | mean fg IoU | road compl. | road corr. | road quality |")
+    rows = [(f"tile {t}", *tiles[t]) for t in chosen]
+    if len(chosen) > 1:
+        rows.append(("tiles " + " + ".join(map(str, chosen)), sum(tiles[t][0] for t in chosen),
+                     [r for t in chosen for r in tiles[t][1]]))
+    print(f"| {'held-out' if set(chosen) <= set(HELD_OUT) else 'training'} Dubai | " + " | ".join(f"{n} IoU" for n in names) + " | mean fg IoU | road compl. | road corr. | road quality |")
     print("|---" * (len(names) + 5) + "|")
     for label, cm, roads in rows:
         scores, net = _table(cm, names), _roads(roads)
