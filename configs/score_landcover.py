@@ -2,6 +2,7 @@
 
     python configs/score_landcover.py [--model geoseg/models/bundled/landcover.keras] [--json out.json]
                                       [--gsd auto|native|METRES] [--scales 1,ZOOM,... --scale-merge mean|max]
+                                      [--tiles 2,3]
 
 Runs the full predict pipeline (``geoseg.evaluate.evaluate``, the library call behind
 ``geoseg evaluate``) on each scene and prints Markdown tables:
