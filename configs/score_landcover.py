@@ -2,7 +2,7 @@
 
     python configs/score_landcover.py [--model geoseg/models/bundled/landcover.keras] [--json out.json]
                                       [--gsd auto|native|METRES] [--scales 1,ZOOM,... --scale-merge mean|max]
-                                      [--tiles 2,3]
+                                      [--tta none|flips|d4] [--tiles 2,3]
 
 Runs the full predict pipeline (``geoseg.evaluate.evaluate``, the library call behind
 ``geoseg evaluate``) on each scene and prints Markdown tables:
@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--gsd", default="auto", help="as predict --gsd (the Dubai tiles and the Vegas chip)")
     ap.add_argument("--scales", default=None, help="as predict --scales, e.g. 1,0.5 (default: the model's)")
     ap.add_argument("--scale-merge", default=None, choices=["max", "mean"], help="as predict --scale-merge")
+    ap.add_argument("--tta", default="none", choices=["none", "flips", "d4"], help="as predict --tta")
     ap.add_argument("--tiles", default=",".join(map(str, HELD_OUT)),
                     help="Dubai tiles to score (default: the held-out 2,3; a training tile shows the fit, not skill)")
     args = ap.parse_args()
@@ -80,7 +81,7 @@ def main() -> None:
     bundle = load_bundle(args.model, precision=args.precision)
     names = list(bundle.meta.class_names)
     options = PredictOptions(precision=args.precision, gsd=args.gsd, scales=parse_scales(args.scales),
-                             scale_merge=args.scale_merge)
+                             scale_merge=args.scale_merge, tta=args.tta)
     report: dict = {"model": {"path": args.model, "sha256": bundle.sha256}, "dubai": {}, "vegas": None}
 
     chosen = tuple(int(t) for t in args.tiles.split(","))
