@@ -573,6 +573,7 @@ def change(
                 bundle = load_model_for(model, predict_options)
                 timings["load_model"] = round(time.perf_counter() - t0, 3)
             t0 = time.perf_counter()
+            ran: dict[str, list[float]] = {}  # the zooms each date ran (one finer than its pixels is left out)
             for i, d in enumerate(dates):
                 if d.kind != "scene":
                     continue
@@ -590,11 +591,15 @@ def change(
                               progress=(lambda done, total, s=stage: progress(s, done, total)) if progress else None)
                 dates[i] = replace(d, read_path=str(seg.probs_path), read_kind="probs",
                                    thresholds=tuple(thresholds(predict_options, meta).values()))
+                ran[d.role] = seg.scales
             timings["segment"] = round(time.perf_counter() - t0, 3)
-            zooms, merge = scales_for(predict_options, meta)
+            texts = {role: zoom_text(z) for role, z in ran.items()}
+            multi = any(len(z) > 1 for z in ran.values())
             model_info = {"name": meta.name, "sha256": bundle.sha256, "path": str(bundle.path),
-                          "precision": bundle.precision, "scales": zoom_text(zooms),
-                          **({"scale_merge": merge} if len(zooms) > 1 else {})}
+                          "precision": bundle.precision,
+                          "scales": (next(iter(texts.values())) if len(set(texts.values())) == 1
+                                     else "; ".join(f"{role.lower()} {t}" for role, t in texts.items())),
+                          **({"scale_merge": scales_for(predict_options, meta)[1]} if multi else {})}
             if own_model:  # the rest does not need the model: give its memory back
                 bundle = None
                 _release_keras()

@@ -231,3 +231,22 @@ def test_evaluate_scores_the_merged_classes_and_names_the_zooms(tmp_path, fine_s
     valid = ~hole
     expected = ((cls == 1) & (labels == 1) & valid).sum() / (((cls == 1) | (labels == 1)) & valid).sum()
     assert result.classes["class1"].iou == pytest.approx(expected, abs=1e-9)
+
+
+def test_change_records_the_zooms_each_date_ran_not_the_models(tmp_path, fine_scene):
+    from geoseg.change import change
+    from geoseg.outputs import read_run_metadata
+
+    path, labels, _ = fine_scene
+    coarse = write_raster(tmp_path / "coarse.tif", labels[::4, ::4].astype("uint8")[None],
+                          transform=rasterio.transform.from_origin(500000, 5000000, 0.5, 0.5))
+    bundle = numpy_bundle(gsd=0.5, gsd_range=(0.4, 0.6))
+    bundle = dataclasses.replace(bundle, meta=dataclasses.replace(bundle.meta, scales=(1.0, 2.0), scale_merge="max"))
+    # at the model's own 0.5 m, zoom 2 would read finer than the pixels: both dates run zoom 1 only
+    result = change(coarse, coarse, tmp_path / "c.gpkg", bundle=bundle)
+    assert result.model["scales"] == "1" and "scale_merge" not in result.model
+    tags = read_run_metadata(tmp_path / "c.gpkg")
+    assert tags["scales"] == "1" and "scale_merge" not in tags
+    # a drone date and a 0.5 m date: each is named with its own zooms
+    result = change(path, coarse, tmp_path / "m.gpkg", bundle=bundle)
+    assert result.model["scales"] == "before 1,2; after 1" and result.model["scale_merge"] == "max"
