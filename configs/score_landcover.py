@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(REPO / "geoseg" / "models" / "bundled" / "landcover.keras"))
     ap.add_argument("--precision", default="float32")
     ap.add_argument("--json", default=None, help="also write every figure to this JSON file")
-    ap.add_argument("--dubai-only", action="store_true", help="score only the held-out Dubai tiles")
+    ap.add_argument("--dubai-only", action="store_true", help="score only the Dubai tiles (--tiles)")
     ap.add_argument("--gsd", default="auto", help="as predict --gsd (the Dubai tiles and the Vegas chip)")
     ap.add_argument("--scales", default=None, help="as predict --scales, e.g. 1,0.5 (default: the model's)")
     ap.add_argument("--scale-merge", default=None, choices=["max", "mean"], help="as predict --scale-merge")
@@ -104,7 +104,8 @@ def main() -> None:
     if len(chosen) > 1:
         rows.append(("tiles " + " + ".join(map(str, chosen)), sum(tiles[t][0] for t in chosen),
                      [r for t in chosen for r in tiles[t][1]]))
-    print(f"| {'held-out' if set(chosen) <= set(HELD_OUT) else 'training'} Dubai | " + " | ".join(f"{n} IoU" for n in names) + " | mean fg IoU | road compl. | road corr. | road quality |")
+    which = "held-out" if set(chosen) <= set(HELD_OUT) else "training" if not set(chosen) & set(HELD_OUT) else "mixed"
+    print(f"| {which} Dubai | " + " | ".join(f"{n} IoU" for n in names) + " | mean fg IoU | road compl. | road corr. | road quality |")
     print("|---" * (len(names) + 5) + "|")
     for label, cm, roads in rows:
         scores, net = _table(cm, names), _roads(roads)
