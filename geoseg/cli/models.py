@@ -29,4 +29,4 @@ def models(as_json: bool) -> None:
                  if len(e["scales"]) > 1 else "")
         click.echo(f"{e['name']}{' (default)' if e.get('default') else ''}: "
                    f"{', '.join(e['classes'])}{thresholds}; bands {', '.join(e['bands'])}; {gsd_text}{zooms}; "
-                   f"{e['architecture']}; sha256 {e['sha256'][:12]}")
+                   f"{e['architecture']}{'' if e['encoder'] == 'none' else ' on ' + e['encoder']}; sha256 {e['sha256'][:12]}")

@@ -622,6 +622,7 @@ def list_builtin() -> list[dict[str, Any]]:
                 "gsd": meta.gsd,
                 "gsd_range": list(meta.gsd_range) if meta.gsd_range else None,
                 "architecture": meta.architecture,
+                "encoder": meta.arch_config.get("encoder", "none"),
                 "tile_size": meta.tile_size,
                 "overlap": meta.overlap,
                 "scales": list(meta.scales),
