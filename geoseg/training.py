@@ -110,6 +110,13 @@ class Augment:
     grayscale: float = 0.2  # probability of replacing every band by the luminance (panchromatic look)
     blur: float = 0.2  # probability of losing resolution: down by 1..3x and back (soft/upsampled imagery)
     band_gain: float = 0.0  # per-band gain drawn from [1-g, 1+g] (colour casts: white balance, rusty or faded roofs)
+    # the satellite look (geoseg.augment); all off by default
+    sensor: float = 0.0  # probability of a coarser sensor's view: PSF blur, down by 1.25..sensor_factor, noise, JPEG, back up
+    sensor_factor: float = 3.5  # the coarsest of those views, as a multiple of the training GSD
+    haze: float = 0.0  # probability of a veil of scattered light
+    off_nadir: float = 0.0  # probability of an oblique view (shear and compression along a random direction)
+    off_nadir_shear: float = 0.15  # the largest shear (and compression) of that view
+    pan_vegetation: float = 0.0  # share of the grayscale chips made as pan with bright vegetation (WorldView-like)
 
     def __post_init__(self) -> None:
         if not self.scale_jitter >= 1:
@@ -118,10 +125,14 @@ class Augment:
             v = getattr(self, name)
             if not 0 <= v < 1:
                 raise InputError(f"--{name.replace('_', '-')} {v} must be in [0, 1), e.g. 0.2")
-        for name in ("grayscale", "blur"):
+        for name in ("grayscale", "blur", "sensor", "haze", "off_nadir", "pan_vegetation"):
             v = getattr(self, name)
             if not 0 <= v <= 1:
-                raise InputError(f"--{name} {v} is a probability; give a value in [0, 1]")
+                raise InputError(f"--{name.replace('_', '-')} {v} is a probability; give a value in [0, 1]")
+        if not 1.25 <= self.sensor_factor <= 10:
+            raise InputError(f"--sensor-factor {self.sensor_factor} must be in [1.25, 10], e.g. 3.5")
+        if not 0 < self.off_nadir_shear < 0.5:
+            raise InputError(f"--off-nadir-shear {self.off_nadir_shear} must be in (0, 0.5), e.g. 0.15")
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,8 @@ class TrainConfig:
     chip_stride: int | None = None  # None: chip_size // 2 (50 % overlap)
     min_labelled: float = 0.5  # chips with a smaller fraction of valid, labelled pixels are skipped
     arch: str = "unet"
+    encoder: str = "none"  # "efficientnet-lite0": a U-Net on the pretrained encoder (geoseg.models.efficientnet)
+    encoder_weights: str = "imagenet"  # with an encoder: start from its ImageNet weights, or "random"
     width: int = 16
     depth: int = 4
     precision: str = "float32"
@@ -665,8 +678,9 @@ def augment_batch(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, aug: A
                   lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Augment a float32 batch ``x`` (B, H, W, bands) and its labels ``y`` (B, H, W) in place-ish.
 
-    Flips and 90° turns (labels follow), loss of resolution, grayscale, brightness and contrast,
-    per-band gains;
+    Flips and 90° turns and oblique views (labels follow), loss of resolution, grayscale (some of
+    it as pan with bright vegetation), a coarser sensor's view, haze, brightness and contrast,
+    per-band gains (``geoseg.augment`` for the satellite look);
     values are clipped to the training data's range ``lo..hi`` per band. The loop runs over the
     chips of the batch, never over pixels.
     """
@@ -682,6 +696,11 @@ def augment_batch(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, aug: A
             if square and turns[i]:
                 xi, yi = np.rot90(xi, turns[i], axes=(0, 1)), np.rot90(yi, turns[i], axes=(0, 1))
             x[i], y[i] = xi, yi
+    from geoseg import augment as look
+
+    if aug.off_nadir > 0:
+        for i in np.flatnonzero(rng.random(b) < aug.off_nadir):
+            x[i], y[i] = look.off_nadir(x[i], y[i], rng, max_shear=aug.off_nadir_shear, ignore=IGNORE)
     if aug.blur > 0:
         soft = rng.random(b) < aug.blur
         factors = rng.uniform(1.0, 3.0, size=b)
@@ -695,8 +714,17 @@ def augment_batch(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, aug: A
         gray = np.flatnonzero(rng.random(b) < aug.grayscale)
         base = np.array([0.299, 0.587, 0.114], np.float32) if nb == 3 else np.full(nb, 1 / nb, np.float32)
         for i in gray:
+            if nb == 3 and aug.pan_vegetation > 0 and rng.random() < aug.pan_vegetation:
+                x[i] = look.pan_vegetation(x[i], rng, lo=lo, hi=hi)
+                continue
             weights = base if rng.random() < 0.5 else rng.dirichlet(base * 6).astype(np.float32)
             x[i] = (x[i] @ weights)[..., None]
+    if aug.sensor > 0:
+        for i in np.flatnonzero(rng.random(b) < aug.sensor):
+            x[i] = look.sensor_look(x[i], rng, max_factor=aug.sensor_factor, lo=lo, hi=hi)
+    if aug.haze > 0:
+        for i in np.flatnonzero(rng.random(b) < aug.haze):
+            x[i] = look.haze(x[i], rng, lo=lo, hi=hi)
     if aug.brightness > 0 or aug.contrast > 0:
         gain = rng.uniform(1 - aug.brightness, 1 + aug.brightness, size=(b, 1, 1, 1)).astype(np.float32)
         con = rng.uniform(1 - aug.contrast, 1 + aug.contrast, size=(b, 1, 1, 1)).astype(np.float32)
@@ -881,6 +909,14 @@ def _check_config(cfg: TrainConfig, multiple: int) -> None:
         TargetSets(class_names).class_id(name)
     if cfg.arch not in ARCHS:
         raise InputError(f"--arch {cfg.arch!r} is not one of {', '.join(ARCHS)}")
+    from geoseg.models.efficientnet import ENCODER_WEIGHTS, ENCODERS
+
+    if cfg.encoder not in ENCODERS:
+        raise InputError(f"--encoder {cfg.encoder!r} is not one of {', '.join(ENCODERS)}")
+    if cfg.encoder != "none" and cfg.arch != "unet":
+        raise InputError(f"--encoder {cfg.encoder} builds a U-Net; use it with --arch unet (not {cfg.arch})")
+    if cfg.encoder_weights not in ENCODER_WEIGHTS:
+        raise InputError(f"--encoder-weights {cfg.encoder_weights!r} is not one of {', '.join(ENCODER_WEIGHTS)}")
     if cfg.precision not in PRECISIONS:
         raise InputError(f"--precision {cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
     for name in ("chip_size", "width", "depth", "epochs", "batch_size", "tile_size"):
@@ -892,11 +928,12 @@ def _check_config(cfg: TrainConfig, multiple: int) -> None:
     positive_int("overlap", cfg.overlap, 0)
     if cfg.warmup_steps is not None:
         positive_int("warmup_steps", cfg.warmup_steps, 0)
+    why = f"--encoder {cfg.encoder}" if cfg.encoder != "none" else f"--depth {cfg.depth}"
     if cfg.chip_size % multiple:
         lower = max(multiple, cfg.chip_size // multiple * multiple)
-        raise InputError(f"--chip-size {cfg.chip_size} must be a multiple of {multiple} for --depth {cfg.depth}; use {lower} or {lower + multiple}")
+        raise InputError(f"--chip-size {cfg.chip_size} must be a multiple of {multiple} for {why}; use {lower} or {lower + multiple}")
     if cfg.tile_size % multiple:
-        raise InputError(f"--tile-size {cfg.tile_size} must be a multiple of {multiple} for --depth {cfg.depth}")
+        raise InputError(f"--tile-size {cfg.tile_size} must be a multiple of {multiple} for {why}")
     if 2 * cfg.overlap >= cfg.tile_size:
         raise InputError(f"--overlap {cfg.overlap} must be less than half of --tile-size {cfg.tile_size}")
     if not 0 <= cfg.val_fraction < 0.9:
@@ -997,8 +1034,11 @@ def _starting_bundle(cfg: TrainConfig, class_names: Sequence[str]):
         raise InputError(f"--init-from {cfg.init_from}: no such model file nor built-in model; give a .keras bundle "
                          f"written by geoseg train or a name that `geoseg models` lists") from None
     meta = read_meta(path)
-    wanted = {"arch": cfg.arch, "width": cfg.width, "depth": cfg.depth}
-    has = {"arch": meta.architecture, "width": meta.arch_config.get("width"), "depth": meta.arch_config.get("depth")}
+    wanted = {"arch": cfg.arch, "encoder": cfg.encoder}
+    has = {"arch": meta.architecture, "encoder": meta.arch_config.get("encoder", "none")}
+    if cfg.encoder == "none":
+        wanted.update(width=cfg.width, depth=cfg.depth)
+        has.update(width=meta.arch_config.get("width"), depth=meta.arch_config.get("depth"))
     differ = [f"--{k} {has[k]} (not {wanted[k]})" for k in wanted if has[k] != wanted[k]]
     if tuple(meta.class_names) != tuple(class_names):
         differ.append(f"--classes {','.join(meta.class_names)} (not {','.join(class_names)})")
@@ -1013,13 +1053,46 @@ def _load_start_weights(model, cfg: TrainConfig) -> None:
 
     weights = load_bundle(resolve_model(cfg.init_from)).model.get_weights()
     if [w.shape for w in weights] != [tuple(v.shape) for v in model.weights]:
-        raise InputError(f"--init-from {Path(cfg.init_from).name}: its weights do not fit a {cfg.arch} of width "
-                         f"{cfg.width} and depth {cfg.depth}; it was written by another version of geoseg")
+        raise InputError(f"--init-from {Path(cfg.init_from).name}: its weights do not fit a {_arch_text(cfg)}; "
+                         f"it was written by another version of geoseg")
     model.set_weights(weights)
 
 
+def _arch_text(cfg: TrainConfig) -> str:
+    if cfg.encoder != "none":
+        return f"{cfg.arch} on {cfg.encoder}"
+    return f"{cfg.arch} (width {cfg.width}, depth {cfg.depth})"
+
+
 def _arch_config(cfg: TrainConfig, bands: int, classes: int) -> dict[str, Any]:
+    if cfg.encoder != "none":
+        from geoseg.models.unet import LITE0_DECODER
+
+        return {"bands": bands, "classes": classes, "encoder": cfg.encoder, "decoder_widths": list(LITE0_DECODER)}
     return {"bands": bands, "classes": classes, "width": cfg.width, "depth": cfg.depth}
+
+
+def _size_multiple(cfg: TrainConfig) -> int:
+    """Chip and tile sizes must be multiples of this: 32 on an encoder, else 2**depth."""
+    from geoseg.models import size_multiple
+
+    if cfg.encoder != "none":
+        return 32
+    depth = cfg.depth
+    return size_multiple(depth) if isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0 else 1
+
+
+def _encoder_stats(dtype: np.dtype, value_range: tuple[float, float], bands: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed input mapping of a pretrained encoder: ``(x - 127) / 128`` on 8-bit imagery (as
+    the ImageNet weights were trained); other data types have their 2-98 % value range mapped onto
+    0-255 first, folded into one mean and std per band."""
+    if np.dtype(dtype) == np.uint8:
+        lo, span = 0.0, 255.0
+    else:
+        lo, span = value_range[0], max(value_range[1] - value_range[0], 1e-6)
+    mean = lo + 127.0 * span / 255.0
+    std = 128.0 * span / 255.0
+    return np.full(bands, mean), np.full(bands, std)
 
 
 def _stats(scenes: Sequence[SceneData], rects: Sequence[Rect]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -1158,6 +1231,51 @@ class _Averaged:
                 var.assign(w)
 
 
+def _prefetched(batches, depth: int = 2):
+    """Yield the items of the iterator ``batches``, drawn ahead by a background thread (``depth``
+    at most), so that sampling and augmenting the next batch (numpy, which releases the GIL in
+    its heavy loops) overlaps the model's step. The order is unchanged; an error in the thread
+    is raised here, and leaving the loop early stops the thread."""
+    import queue
+    import threading
+
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill() -> None:
+        try:
+            for item in batches:
+                if not put(("item", item)):
+                    return
+            put(("end", done))
+        except BaseException as exc:  # handed to the consumer
+            put(("error", exc))
+
+    thread = threading.Thread(target=fill, name="geoseg-chips", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = items.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 def _miou(iou: np.ndarray) -> float:
     fg = iou[1:]
     return float(np.nanmean(fg)) if np.isfinite(fg).any() else 0.0
@@ -1217,9 +1335,9 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
 
     check_output(output, overwrite=overwrite or resume)
 
-    from geoseg.models import BundleMeta, size_multiple
+    from geoseg.models import BundleMeta
 
-    multiple = size_multiple(cfg.depth) if isinstance(cfg.depth, int) and not isinstance(cfg.depth, bool) and cfg.depth >= 0 else 1
+    multiple = _size_multiple(cfg)
     _check_config(cfg, multiple)
     class_infos = with_thresholds(parse_classes(cfg.classes), cfg.threshold)
     from geoseg.scales import check_scales, parse_scales
@@ -1232,6 +1350,12 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
     chip = cfg.chip_size
     stride = cfg.chip_stride or max(multiple, chip // 2)
     start = _starting_bundle(cfg, class_names)
+    # the ImageNet weights are found, checked and converted before any data is read
+    pretrained = None
+    if cfg.encoder != "none" and cfg.encoder_weights == "imagenet" and start is None and state is None:
+        from geoseg.models.pretrained import imagenet_weights
+
+        pretrained = imagenet_weights()
 
     # --- data -------------------------------------------------------------------------------------
     from geoseg.scene import open_scene
@@ -1316,6 +1440,9 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
     val_pixels = int(sum((y != IGNORE).sum() for _, y in val_batches))
 
     mean, std, lo, hi = _stats(all_scenes, train_rects)
+    value_range = _value_range(all_scenes, train_rects)
+    if cfg.encoder != "none":
+        mean, std = _encoder_stats(all_scenes[0].image.dtype, value_range, len(band_names))
     if start:  # the weights were learnt on inputs normalised with the starting model's statistics
         mean, std = np.asarray(start.mean), np.asarray(start.std)
     steps = cfg.steps_per_epoch or max(1, len(windows) // cfg.batch_size)
@@ -1336,6 +1463,10 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
     if start and state is None:
         _load_start_weights(model, cfg)
         log.info("starting from the weights of %s (%s)", Path(cfg.init_from).name, start.name)
+    elif pretrained is not None:
+        from geoseg.models.efficientnet import load_imagenet
+
+        log.info("encoder %s: ImageNet weights set in %d layers", cfg.encoder, load_imagenet(model, pretrained))
     total_steps = cfg.epochs * steps
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(500, total_steps // 20)
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -1380,7 +1511,8 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         losses = []
-        for step, (x, y) in enumerate(sampler.epoch_batches(cfg.seed, epoch, steps, cfg.batch_size), start=1):
+        batches = _prefetched(sampler.epoch_batches(cfg.seed, epoch, steps, cfg.batch_size))
+        for step, (x, y) in enumerate(batches, start=1):
             ts = time.perf_counter()
             value = float(np.asarray(model.train_on_batch(x, y)))
             if averaged is not None:
@@ -1449,7 +1581,7 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
     jitter = cfg.augment.scale_jitter
     gsd_range = (gsd / jitter, gsd * jitter)
     description = cfg.description or (
-        f"{cfg.arch} (width {cfg.width}, depth {cfg.depth}) trained by geoseg on {len(scenes)} scene(s) at {gsd:.3g} m "
+        f"{_arch_text(cfg)} trained by geoseg on {len(scenes)} scene(s) at {gsd:.3g} m "
         f"(scale jitter x{jitter:g})")
     if start:
         description = f"{description.strip().rstrip('.')}; fine-tuned from {start.name} ({Path(cfg.init_from).name})"
@@ -1461,7 +1593,7 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
         arch_config=_arch_config(cfg, len(band_names), nclasses), size_multiple=multiple,
         tile_size=cfg.tile_size, overlap=cfg.overlap, gsd=gsd, gsd_range=gsd_range,
         scales=zooms, scale_merge=cfg.scale_merge or "mean", dtype=str(all_scenes[0].image.dtype),
-        value_range=_value_range(all_scenes, train_rects),
+        value_range=value_range,
         description=(description.strip().rstrip(".") + score_text).strip(),
     )
     from geoseg.models import save_bundle

@@ -613,3 +613,57 @@ def test_every_committed_recipe_is_a_valid_config(path):
 
     cfg = TrainConfig.from_dict(read_config(path))
     assert cfg.epochs > 0 and cfg.gsd and cfg.images and len(cfg.images) == len(cfg.labels)
+
+
+# --- the satellite look (geoseg.augment) ------------------------------------------------------------
+
+
+def test_oblique_views_move_labels_with_the_pixels_and_ignore_what_leaves_the_chip():
+    rng = np.random.default_rng(0)
+    y = np.zeros((16, 64, 64), np.uint8)
+    for i in range(16):
+        r, c = rng.integers(8, 40, 2)
+        y[i, r:r + 16, c:c + 12] = 1
+    x = np.repeat(y[..., None].astype(np.float32), 3, axis=-1) * 200 + 20
+    view = Augment(flips=False, brightness=0, contrast=0, grayscale=0, blur=0, off_nadir=1.0, off_nadir_shear=0.3)
+    xa, ya = augment_batch(x.copy(), y.copy(), np.random.default_rng(1), view, lo=np.zeros(3), hi=np.full(3, 255.0))
+    assert not np.array_equal(ya, y)  # the buildings moved
+    known = ya != IGNORE
+    bright = xa[..., 0] > 120
+    assert (bright[known] == (ya[known] == 1)).mean() > 0.97  # the labels moved with them (edges interpolate)
+    assert (ya == IGNORE).any() and (ya[known] <= 1).all()  # corners the view leaves are ignored, no new ids
+
+
+def test_a_coarser_sensor_blurs_adds_noise_and_keeps_the_chip_s_size_range_and_seed():
+    y = np.zeros((4, 96, 96), np.uint8)
+    x = np.zeros((4, 96, 96, 3), np.float32)
+    x[:, :, 48:] = 200.0  # a sharp edge
+    sensor = Augment(flips=False, brightness=0, contrast=0, grayscale=0, blur=0, sensor=1.0, sensor_factor=4.0)
+    a, _ = augment_batch(x.copy(), y.copy(), np.random.default_rng(3), sensor, lo=np.zeros(3), hi=np.full(3, 255.0))
+    b, _ = augment_batch(x.copy(), y.copy(), np.random.default_rng(3), sensor, lo=np.zeros(3), hi=np.full(3, 255.0))
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 255
+    edge = np.abs(np.diff(a[:, 48, :, 0], axis=-1)).max(axis=-1)
+    assert (edge < 150).all()  # the step of 200 is spread over several pixels
+    assert np.abs(a[:, 10:80, 5:35] - 0).std() > 0.1  # noise in the flat dark part
+    with pytest.raises(InputError, match="--sensor-factor"):
+        Augment(sensor_factor=1.0)
+    with pytest.raises(InputError, match="--haze"):
+        Augment(haze=1.5)
+
+
+def test_haze_lifts_dark_pixels_and_pan_vegetation_makes_green_bright():
+    x = np.zeros((8, 16, 16, 3), np.float32)
+    x[:, :8] = (40, 120, 30)  # vegetation
+    x[:, 8:] = (90, 90, 90)  # a gray roof of about the same luminance
+    y = np.zeros((8, 16, 16), np.uint8)
+    hazy = Augment(flips=False, brightness=0, contrast=0, grayscale=0, blur=0, haze=1.0)
+    h, _ = augment_batch(x.copy(), y, np.random.default_rng(0), hazy, lo=np.zeros(3), hi=np.full(3, 255.0))
+    assert (h[:, 8:, :, 0] > 90).all() and (h <= 255).all()
+    pan = Augment(flips=False, brightness=0, contrast=0, grayscale=1.0, blur=0, pan_vegetation=1.0)
+    p, _ = augment_batch(x.copy(), y, np.random.default_rng(0), pan, lo=np.zeros(3), hi=np.full(3, 255.0))
+    assert np.ptp(p, axis=-1).max() == 0  # one band repeated
+    assert (p[:, :8, :, 0] > p[:, 8:, :, 0].max()).all()  # canopy brighter than the roof, unlike luminance
+    plain = Augment(flips=False, brightness=0, contrast=0, grayscale=1.0, blur=0)
+    g, _ = augment_batch(x.copy(), y, np.random.default_rng(0), plain, lo=np.zeros(3), hi=np.full(3, 255.0))
+    assert not (g[:, :8, :, 0] > g[:, 8:, :, 0].max()).all()

