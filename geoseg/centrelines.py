@@ -189,7 +189,7 @@ def write_centreline_layer(gpkg_path: str | os.PathLike, class_path: str | os.Pa
         return None
     net = centrelines_from_raster(class_path, class_id=cid, options=options)
     summary = net.summary()
-    outputs.write_line_layer(gpkg_path, LAYER, net.lines, color=tuple(colors[options.class_name]),
+    outputs.write_line_layer(gpkg_path, LAYER, net.lines, color=outputs.line_color(colors[options.class_name]),
                              metadata={f"centerline_{k}": str(v) for k, v in summary.items() if k != "layer"})
     return summary
 

@@ -660,7 +660,8 @@ def change(
                       "change_codes": ",".join(f"{k}={v}" for k, v in enumerate(code_names(names))),
                       "min_area_m2": f"{min_area:g}"},
             )
-            outputs.write_raster_qml(raster_tmp.with_suffix(".qml"), class_names=labels, colors=ccolors)
+            outputs.write_raster_qml(raster_tmp.with_suffix(".qml"), class_names=labels, colors=ccolors,
+                                     transparent={0})
         staging.commit()
 
     timings["total"] = round(time.perf_counter() - t_start, 3)

@@ -327,10 +327,16 @@ def verify_tiff(path: str | os.PathLike) -> None:
                           f"file-size limit reached; free some disk space and run again")
 
 
+#: Opacity (0-255) of a class in the class raster's QGIS style: the imagery under an overlay stays
+#: visible. Background classes (and "no change") are fully transparent there. (A GeoTIFF colour
+#: table holds no alpha: the TIFF ColorMap tag is RGB only, and GDAL reads every entry back opaque.)
+CLASS_ALPHA = 180
+
+
 def class_colormap(
     colors: Sequence[RGB], *, nodata: int | None
 ) -> dict[int, tuple[int, int, int, int]]:
-    """GeoTIFF colour table: class id -> RGBA (opaque); nodata transparent black."""
+    """GeoTIFF colour table: class id -> RGBA (opaque: TIFF stores no alpha); nodata transparent black."""
     colors = [_rgb(c) for c in colors]
     if len(colors) > 256:
         raise InputError(f"{len(colors)} colours given; a uint8 colour table holds at most 256")
@@ -374,9 +380,12 @@ def _to_qml(root: ET.Element) -> str:
 
 
 def raster_qml(
-    *, class_names: Sequence[str], colors: Sequence[RGB], skip: Container[int] = ()
+    *, class_names: Sequence[str], colors: Sequence[RGB], skip: Container[int] = (),
+    transparent: Container[int] = (), alpha: int = CLASS_ALPHA
 ) -> str:
-    """QML of a paletted renderer on band 1: one named entry per class id not in ``skip``."""
+    """QML of a paletted renderer on band 1: one named entry per class id not in ``skip``, at
+    ``alpha`` opacity, fully transparent for the ids in ``transparent`` (background, "no change"),
+    so the class raster overlays the imagery without hiding it."""
     if len(class_names) != len(colors):
         raise InputError(
             f"{len(class_names)} class names but {len(colors)} colours; give one colour per class"
@@ -396,7 +405,8 @@ def raster_qml(
         ET.SubElement(
             palette,
             "paletteEntry",
-            value=str(class_id), color=_hex(_rgb(color)), alpha="255", label=str(name),
+            value=str(class_id), color=_hex(_rgb(color)), alpha="0" if class_id in transparent else str(int(alpha)),
+            label=str(name),
         )
     ET.SubElement(pipe, "brightnesscontrast", brightness="0", contrast="0", gamma="1")
     ET.SubElement(pipe, "huesaturation", saturation="0", grayscaleMode="0", colorizeOn="0")
@@ -411,9 +421,10 @@ def write_raster_qml(
     class_names: Sequence[str],
     colors: Sequence[RGB],
     skip: Container[int] = (),
+    transparent: Container[int] = (),
 ) -> None:
     """Write the QGIS sidecar ``name.qml`` (loaded automatically beside ``name.tif``)."""
-    text = raster_qml(class_names=class_names, colors=colors, skip=skip)
+    text = raster_qml(class_names=class_names, colors=colors, skip=skip, transparent=transparent)
     try:
         Path(qml_path).write_text(text, encoding="utf-8")
     except OSError as exc:
@@ -424,10 +435,16 @@ def layer_qml(*, class_name: str, color: RGB, geometry: str = "polygon") -> str:
     """QML of a categorized renderer on ``class_name`` for one class.
 
     Polygons: the class colour at 60 % opacity with a darker outline; ``geometry="line"``
-    draws a line in the class colour (for road centre-lines).
+    draws a line in the colour given (road centre-lines get :func:`line_color` of their class's).
     """
     return categorized_qml(attr="class_name", categories=[(str(class_name), str(class_name), color)],
                            geometry=geometry)
+
+
+def line_color(color: RGB) -> RGB:
+    """The colour of a class's centre-lines: the class colour at 40 % brightness, so that a line
+    stands out on the class's own (lighter, translucent) polygons."""
+    return tuple(int(round(c * 0.4)) for c in _rgb(color))  # type: ignore[return-value]
 
 
 def categorized_qml(*, attr: str, categories: Sequence[tuple[str, str, RGB]], geometry: str = "polygon") -> str:

@@ -1034,7 +1034,8 @@ def predict(
                 band_descriptions=["class"],
                 tags={**run_meta, "class_names": ",".join(class_names)},
             )
-            outputs.write_raster_qml(raster_tmp.with_suffix(".qml"), class_names=class_names, colors=colors)
+            outputs.write_raster_qml(raster_tmp.with_suffix(".qml"), class_names=class_names, colors=colors,
+                                     transparent=set(meta.background))
         if probs_tmp:
             outputs.write_cog(
                 seg.probs_path,

@@ -58,7 +58,8 @@ def describe_raster(layer: QgsRasterLayer) -> dict:
     renderer = layer.renderer()
     info = {"valid": layer.isValid(), "renderer": renderer.type() if renderer else None, "palette": []}
     if renderer is not None and renderer.type() == "paletted":
-        info["palette"] = [{"value": c.value, "label": c.label, "color": c.color.name()} for c in renderer.classes()]
+        info["palette"] = [{"value": c.value, "label": c.label, "color": c.color.name(), "alpha": c.color.alpha()}
+                           for c in renderer.classes()]
     return info
 
 
@@ -104,7 +105,7 @@ def main() -> None:
     app.initQgis()
     doc: dict = {"qgis": Qgis.QGIS_VERSION, "layers": {}}
     vectors = []
-    for name in args.layers.split(","):
+    for name in [n for n in args.layers.split(",") if n]:
         layer = QgsVectorLayer(f"{args.gpkg}|layername={name}", name, "ogr")
         doc["layers"][name] = describe_vector(layer)
         vectors.append(layer)

@@ -4,6 +4,7 @@ measures, the vectorize layer, and the skeleton against SpaceNet's real centre-l
 from __future__ import annotations
 
 import sqlite3
+import xml.etree.ElementTree as ET
 
 import geopandas as gpd
 import numpy as np
@@ -178,6 +179,12 @@ def test_vectorize_writes_a_styled_centre_line_layer(tmp_path):
         styles = dict(db.execute("SELECT f_table_name, styleQML FROM layer_styles").fetchall())
         contents = {r[0] for r in db.execute("SELECT table_name FROM gpkg_contents")}
     assert "road_centerline" in contents and "SimpleLine" in styles["road_centerline"]
+    def colours(qml):  # the colours a style draws with
+        return {o.get("value").rsplit(",", 1)[0] for o in ET.fromstring(qml).iter("Option")
+                if o.get("name") in ("color", "line_color")}
+
+    # the lines are not drawn in the road polygons' colour, so they show on them
+    assert colours(styles["road_centerline"]).isdisjoint(colours(styles["road"]))
     assert sorted(styles) == ["building", "road", "road_centerline"]
     assert CliRunner().invoke(cli, ["vectorize", str(path), "-o", str(out), "--classes", "bg,building,road",
                                     "--overwrite", "--no-centerlines"]).exit_code == 0

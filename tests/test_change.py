@@ -173,6 +173,8 @@ def test_change_raster_gpkg_styles_and_run_table(two_dates, tmp_path):
     assert (codes[:, 0] == CODE_NODATA).any() and (codes[3:-3, 3:-3] != CODE_NODATA).all()
     labels = [e.get("label") for e in ET.parse(raster.with_suffix(".qml")).iter("paletteEntry")]
     assert labels == ["no change", "background → building", "building → background"]
+    alphas = [e.get("alpha") for e in ET.parse(raster.with_suffix(".qml")).iter("paletteEntry")]
+    assert alphas[0] == "0" and all(int(v) > 0 for v in alphas[1:])  # "no change" transparent: the scene shows
     with sqlite3.connect(out) as db:
         (table, column, qml), = db.execute("SELECT f_table_name, f_geometry_column, styleQML FROM layer_styles")
     renderer = ET.fromstring(qml).find("renderer-v2")

@@ -101,7 +101,7 @@ def test_write_cog_is_a_cog_with_nearest_overviews_and_metadata(tmp_path):
             overview = ds.read(1, out_shape=(ds.height // f, ds.width // f))
             assert set(np.unique(overview)) <= {0, 10, 20, 255}
         np.testing.assert_array_equal(ds.read(1), classes)
-        assert ds.colormap(1)[10] == (200, 30, 30, 255)
+        assert ds.colormap(1)[10] == (200, 30, 30, 255)  # TIFF colour tables hold no alpha: the .qml has it
         assert ds.colormap(1)[255] == (0, 0, 0, 0)
         assert ds.descriptions == ("class",)
         assert ds.tags()["geoseg_model"] == "buildings-1"
@@ -125,6 +125,9 @@ def test_raster_qml_is_paletted_with_one_named_entry_per_class(tmp_path):
     entries = renderer.findall("colorPalette/paletteEntry")
     assert [(e.get("value"), e.get("label"), e.get("color")) for e in entries] == [
         ("1", "building", "#ff0000"), ("2", "road & path", "#0080ff")]
+    write_raster_qml(path, class_names=["background", "building"], colors=[(0, 0, 0), (255, 0, 0)], transparent={0})
+    entries = ET.parse(path).getroot().findall("pipe/rasterrenderer/colorPalette/paletteEntry")
+    assert [(e.get("value"), e.get("alpha")) for e in entries] == [("0", "0"), ("1", "180")]
 
 
 def test_layer_qml_is_a_categorized_renderer_on_class_name():

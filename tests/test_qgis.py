@@ -75,14 +75,37 @@ def test_predict_outputs_open_styled_in_qgis(tmp_path):
     assert doc["raster"]["renderer"] == "paletted"
     assert [p["label"] for p in palette] == ["background", *layers]
     assert [p["color"] for p in palette] == ["#{:02x}{:02x}{:02x}".format(*c) for c in COLORS[:4]]
+    assert [p["alpha"] for p in palette] == [0, 180, 180, 180]  # background transparent, classes see-through
 
     # the picture: each class's fill shows over the raster's paletted colours
     render = doc["render"]
     assert Path(render["png"]).stat().st_size > 0 and render["width"] == 900
     seen = np.array([[int(h[1:3], 16), int(h[3:5], 16), int(h[5:7], 16)] for h in render["colors"]])
     for i in (1, 2, 3):
-        expected = np.round(np.array(COLORS[i]) * 0.6 + np.array(COLORS[i]) * 0.4)  # fill over its own raster colour
+        raster_px = over_white(COLORS[i], 180 / 255)  # the class raster's see-through colour over white
+        expected = np.round(np.array(COLORS[i]) * 0.6 + raster_px * 0.4)  # the fill over it
         assert np.abs(seen - expected).max(axis=1).min() <= 3, (i, expected)
+
+
+@pytest.mark.slow
+def test_the_class_raster_is_transparent_on_background_and_see_through_on_classes(tmp_path):
+    """Rendered alone in QGIS over the map's white: background pixels stay pure white (nothing is
+    drawn there, so over a scene the scene shows), class pixels show the white through the class
+    colour (alpha 180 of 255); so the raster overlays the imagery without restyling."""
+    python = qgis_python()
+    model = keras_onehot_bundle(tmp_path / "onehot.keras", classes=3)
+    labels = np.zeros((128, 128), np.float32)
+    labels[10:60, 10:60] = 1
+    scene = write_raster(tmp_path / "scene.tif", labels, crs="EPSG:32633", transform=from_origin(500000, 5000000, 0.5, 0.5))
+    gpkg, raster = tmp_path / "out.gpkg", tmp_path / "classes.tif"
+    assert CliRunner().invoke(cli, ["predict", str(scene), "-o", str(gpkg), "--raster-out", str(raster),
+                                    "-m", str(model)], catch_exceptions=False).exit_code == 0
+    doc = run_check(python, gpkg, "--layers", "", "--raster", raster, "--png", tmp_path / "map.png", "--size", 256)
+    colors = doc["render"]["colors"]
+    assert max(colors, key=colors.get) == "#ffffff"  # background: transparent, the white below shows
+    assert "#000000" not in colors  # the background class's black is never drawn
+    seen = np.array([[int(h[1:3], 16), int(h[3:5], 16), int(h[5:7], 16)] for h in colors])
+    assert np.abs(seen - over_white(COLORS[1], 180 / 255)).max(axis=1).min() <= 3
 
 
 @pytest.mark.slow
