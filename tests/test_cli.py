@@ -107,6 +107,23 @@ def test_verbose_shows_the_traceback(tmp_path):
     assert result.exit_code == 1 and "Traceback" in result.stderr and "Error: " in result.stderr
 
 
+def test_verbose_and_quiet_work_after_the_command_too(tmp_path, scene):
+    result = invoke("predict", tmp_path / "missing.tif", "-o", tmp_path / "o.gpkg", "-v")
+    assert result.exit_code == 1 and "Traceback" in result.stderr and "Error: " in result.stderr
+    assert invoke("predict", tmp_path / "missing.tif", "-o", tmp_path / "o.gpkg", "--verbose").stderr.count("Traceback") == 1
+    path, _ = scene
+
+    def run(*extra):  # a process of its own: logging is configured once per process
+        return subprocess.run([sys.executable, "-m", "geoseg", "vectorize", str(path), "-o", str(tmp_path / "q.gpkg"),
+                               "--classes", "bg,a,b,c", "--overwrite", *extra], capture_output=True, text=True)
+
+    loud, quiet = run(), run("-q")
+    assert loud.returncode == quiet.returncode == 0, quiet.stderr
+    assert "INFO" in loud.stderr and "INFO" not in quiet.stderr
+    # after "--" a value that looks like -v is an argument, not an option
+    assert invoke("predict", "--", "-v").exit_code == 2
+
+
 def test_models_json_lists_builtin_bundles():
     result = invoke("models", "--json")
     assert result.exit_code == 0
@@ -137,3 +154,32 @@ def test_real_entry_point_keeps_stderr_to_geoseg_lines(tmp_path):
     proc = subprocess.run([exe, "predict", str(tmp_path / "missing.tif"), "-o", str(tmp_path / "x.gpkg")],
                           capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("Error: ")
+
+
+def test_log_lines_lift_the_progress_bar_instead_of_gluing_onto_it(monkeypatch):
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from geoseg.cli import BarSafeHandler
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    handler = BarSafeHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    record = logging.LogRecord("geoseg", logging.INFO, __file__, 1, "halfway there", None, None)
+    with tqdm(total=10, desc="predict", file=term, leave=False) as bar:
+        bar.update(3)
+        bar.refresh()
+        handler.emit(record)
+        bar.update(1)
+    text = term.getvalue()
+    at = text.index("INFO: halfway there")
+    assert text[at - 1] in "\r\n"  # the bar was cleared first: the line starts at the left margin
+    assert text[at + len("INFO: halfway there")] == "\n"  # and ends on its own
+    assert "predict" in text[at:]  # the bar is drawn again below it

@@ -30,17 +30,31 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     geoseg predict scene.tif -o buildings.gpkg
     """
     level = logging.INFO - 10 * verbose + 10 * quiet
-    logging.basicConfig(
-        level=max(logging.DEBUG, min(level, logging.ERROR)),
-        format="%(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = BarSafeHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logging.basicConfig(level=max(logging.DEBUG, min(level, logging.ERROR)), handlers=[handler])
     if verbose < 2:
         for noisy in ("rasterio", "fiona", "pyogrio", "tensorflow", "absl", "numexpr", "distributed", "tornado", "bokeh"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
     ctx.obj["quiet"] = quiet
+
+
+class BarSafeHandler(logging.StreamHandler):
+    """Writes log records to stderr through ``tqdm.write``, which lifts any progress bar off the
+    line first and redraws it after, so a log line never lands glued onto a bar."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never raise
+            self.handleError(record)
 
 
 def _register() -> None:

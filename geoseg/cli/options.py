@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -28,8 +29,24 @@ def fail(message: str, *, verbose: bool) -> None:
     sys.exit(1)
 
 
+_LOUDNESS = re.compile(r"^(-v+|-q+|--verbose|--quiet)$")
+
+
 class GeosegGroup(click.Group):
-    """Runs commands so that errors end as one line on stderr with exit code 1."""
+    """Runs commands so that errors end as one line on stderr with exit code 1, and takes ``-v`` /
+    ``-q`` after the command too (``geoseg predict scene.tif -o out.gpkg -v``), as users type them."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        args = list(args)
+        command = next((i for i, a in enumerate(args) if a in self.commands), None)
+        if command is not None:
+            head, tail = args[: command + 1], args[command + 1:]
+            end = tail.index("--") if "--" in tail else len(tail)
+            moved = [a for a in tail[:end] if _LOUDNESS.match(a)]
+            if moved:
+                kept = [a for a in tail[:end] if not _LOUDNESS.match(a)] + tail[end:]
+                args = head[:command] + moved + head[command:] + kept
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
