@@ -666,11 +666,11 @@ def road_scores(class_path: str | os.PathLike, reader: LabelReader, *, road_id: 
 
 
 def reference_road_lines(labels: str | os.PathLike, grid, *, class_names: Sequence[str], road_id: int,
-                         class_field: str = "class"):
+                         class_field: str = "class", label_class: str | None = None):
     """The road centre-lines of vector labels, clipped to the scene (None: raster labels, or no lines).
 
-    Lines count as roads when the labels have no ``class_field`` attribute, or where it names the
-    road class (by name or id)."""
+    Lines count as roads when ``label_class`` is the road class, or (without ``label_class``) when
+    the labels have no ``class_field`` attribute, or where it names the road class (by name or id)."""
     import geopandas as gpd
     import rasterio
     import shapely
@@ -682,7 +682,10 @@ def reference_road_lines(labels: str | os.PathLike, grid, *, class_names: Sequen
     gdf = gpd.read_file(labels)
     gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
     gdf = gdf[gdf.geom_type.isin(["LineString", "MultiLineString"])]
-    if class_field in gdf.columns:
+    if label_class is not None:
+        if label_class.lower() != class_names[road_id].lower():
+            return None
+    elif class_field in gdf.columns:
         values = gdf[class_field]
         road = values.astype(str).str.strip().str.lower() == class_names[road_id].lower()
         road |= values.astype(str).str.strip() == str(road_id)
@@ -712,6 +715,7 @@ def evaluate(
     bundle=None,
     options: PredictOptions = PredictOptions(),
     class_field: str = "class",
+    label_class: str | None = None,
     line_width_m: float | None = None,
     value_map: Mapping[int, int] | None = None,
     label_values: str | None = None,
@@ -776,7 +780,7 @@ def evaluate(
         value_map = parse_label_values(label_values, class_names)
     timings: dict[str, float] = {}
     with LabelReader(labels, info, class_names=class_names, class_field=class_field,
-                     line_width_m=line_width_m, value_map=value_map) as reader:
+                     line_width_m=line_width_m, value_map=value_map, label_class=label_class) as reader:
         if bundle is None:
             bundle = load_bundle(model_path, precision=options.precision)
         timings["load"] = round(time.perf_counter() - t_start, 3)
@@ -793,7 +797,7 @@ def evaluate(
             if road_id is not None:
                 t0 = time.perf_counter()
                 lines = reference_road_lines(labels, info, class_names=class_names, road_id=road_id,
-                                             class_field=class_field)
+                                             class_field=class_field, label_class=label_class)
                 result.roads = road_scores(seg.class_path, reader, road_id=road_id, buffer_m=road_buffer_m,
                                            reference_lines=lines, options=centreline_options)
                 timings["roads"] = round(time.perf_counter() - t0, 3)

@@ -84,14 +84,20 @@ class LabelReader:
         line_width_m: float | None = None,
         value_map: Mapping[int, int] | None = None,
         codes: int | None = None,
+        label_class: str | None = None,
     ) -> None:
         """``codes``: label values below it are kept (default: the number of classes); training
         passes a larger number when ``value_map`` maps values to partial-label set codes
-        (``geoseg.targets``)."""
+        (``geoseg.targets``). ``label_class``: every vector feature is this class, whatever its
+        attributes say (for files without a class attribute, such as SpaceNet road lines)."""
         self.path = Path(path)
         self._codes = len(class_names) if codes is None else int(codes)
         self.grid = grid
         self.class_names = list(class_names)
+        self.label_class = label_class
+        if label_class is not None and label_class.lower() not in [n.lower() for n in self.class_names]:
+            raise InputError(f"--label-class {label_class!r} is not a class of this model "
+                             f"({', '.join(self.class_names)}); name one of them")
         if not self.path.exists():
             raise InputError(f"labels {self.path}: no such file; check the path")
         if self.path.suffix.lower() in RASTER_SUFFIXES:
@@ -149,12 +155,15 @@ class LabelReader:
 
     def _class_ids(self, gdf, class_field: str) -> np.ndarray:
         foreground = [i for i, n in enumerate(self.class_names) if i != 0]
+        if self.label_class is not None:
+            return np.full(len(gdf), [n.lower() for n in self.class_names].index(self.label_class.lower()), np.int32)
         if class_field not in gdf.columns:
             if len(foreground) == 1:
                 return np.full(len(gdf), foreground[0], dtype=np.int32)
             raise InputError(
                 f"labels {self.path} have no attribute {class_field!r} to tell the classes "
-                f"{', '.join(self.class_names[1:])} apart; name it with --label-field "
+                f"{', '.join(self.class_names[1:])} apart; name it with --label-field, or give every "
+                f"feature one class with --label-class NAME "
                 f"(attributes: {', '.join(c for c in gdf.columns if c != 'geometry')})"
             )
         lookup = {n.lower(): i for i, n in enumerate(self.class_names)}

@@ -87,6 +87,25 @@ def test_reference_centre_lines_and_a_missing_road(scene, tmp_path):
     assert tight["buffer_m"] == 1.0 and tight["matched_predicted_m"] <= r["matched_predicted_m"]
 
 
+def test_label_class_scores_lines_without_a_class_attribute(scene, tmp_path):
+    """SpaceNet road labels have no class column; with several foreground classes --label-class
+    says what they are, with no editing of the file."""
+    gpd.GeoDataFrame({"road_type": [5, 5]}, geometry=[HORIZONTAL, VERTICAL], crs="EPSG:32633") \
+        .to_file(tmp_path / "spacenet.geojson")
+    with pytest.raises(InputError, match="--label-class"):  # road or water? the error says how to say
+        evaluate(scene, tmp_path / "spacenet.geojson", bundle=_road_bundle(), options=OPTIONS, line_width_m=6)
+    result = evaluate(scene, tmp_path / "spacenet.geojson", bundle=_road_bundle(), options=OPTIONS, line_width_m=6,
+                      label_class="road")
+    assert result.classes["road"].iou > 0.95 and result.roads["reference_lines"] == 2
+    assert result.roads["completeness"] > 0.95
+    water = evaluate(scene, tmp_path / "spacenet.geojson", bundle=_road_bundle(), options=OPTIONS, line_width_m=6,
+                     label_class="Water")  # any case
+    assert water.classes["road"].iou == 0 and water.roads["reference"] == "mask"  # no road lines: the mask's
+    with pytest.raises(InputError, match="--label-class 'river' is not a class"):
+        evaluate(scene, tmp_path / "spacenet.geojson", bundle=_road_bundle(), options=OPTIONS, line_width_m=6,
+                 label_class="river")
+
+
 def test_ignored_pixels_count_neither_way(scene, tmp_path):
     truth = _roads()
     truth[:, 40:80] = IGNORE  # the vertical road is unlabelled

@@ -17,6 +17,9 @@ from geoseg.cli.options import (
 @model_option
 @click.option("--label-field", default="class", show_default=True,
               help="Attribute of vector labels that holds the class name or id.")
+@click.option("--label-class", default=None, metavar="NAME",
+              help="Every feature of vector LABELS is this class, whatever its attributes (for files without a "
+                   "class attribute, e.g. SpaceNet road lines: --label-class road --line-width 6).")
 @click.option("--line-width", "line_width_m", type=float, default=None, metavar="METRES",
               help="Width of line and point labels (e.g. road centre-lines), buffered into areas.")
 @click.option("--label-values", default=None, metavar="V=CLASS,...",
@@ -37,7 +40,7 @@ from geoseg.cli.options import (
 @json_option
 @click.pass_context
 def evaluate(ctx: click.Context, scene: str, labels: str, model: str | None, label_field: str,
-             line_width_m: float | None, label_values: str | None, boundary_tolerance_px: int,
+             label_class: str | None, line_width_m: float | None, label_values: str | None, boundary_tolerance_px: int,
              iou_threshold: float, road_buffer_m: float | None, road_class_name: str, aoi: str | None,
              as_json: bool, **inference) -> None:
     """Segment SCENE and score it against LABELS (polygons in any CRS, or a class/mask raster).
@@ -48,7 +51,7 @@ def evaluate(ctx: click.Context, scene: str, labels: str, model: str | None, lab
 
     \b
     geoseg evaluate scene.tif buildings.gpkg
-    geoseg evaluate scene.tif roads.gpkg --model roads --line-width 6 --json
+    geoseg evaluate scene.tif spacenet_roads.geojson --model landcover --label-class road --line-width 6 --json
     geoseg evaluate scene.tif classes.tif --model landcover --label-values 0=ignore,1=building,2=background,3=road
     geoseg evaluate scene.tif osm_buildings.gpkg --aoi mapped_area.geojson   # labels complete only there
     """
@@ -56,7 +59,7 @@ def evaluate(ctx: click.Context, scene: str, labels: str, model: str | None, lab
 
     options = pop_predict_options(inference)
     with StageBars("predict", quiet=bool(ctx.obj.get("quiet")), units={"score": "row"}) as progress:
-        result = run(scene, labels, model=model, options=options, class_field=label_field,
+        result = run(scene, labels, model=model, options=options, class_field=label_field, label_class=label_class,
                      line_width_m=line_width_m, label_values=label_values,
                      boundary_tolerance_px=boundary_tolerance_px, iou_threshold=iou_threshold,
                      road_buffer_m=road_buffer_m, road_class_name=road_class_name, progress=progress, aoi=aoi)
