@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -183,3 +184,14 @@ def test_log_lines_lift_the_progress_bar_instead_of_gluing_onto_it(monkeypatch):
     assert text[at - 1] in "\r\n"  # the bar was cleared first: the line starts at the left margin
     assert text[at + len("INFO: halfway there")] == "\n"  # and ends on its own
     assert "predict" in text[at:]  # the bar is drawn again below it
+
+
+def test_shell_completion_offers_the_built_in_model_names():
+    env = {**os.environ, "_GEOSEG_COMPLETE": "bash_complete", "COMP_WORDS": "geoseg predict x.tif --model ", "COMP_CWORD": "4"}
+    out = subprocess.run([sys.executable, "-c", "from geoseg.cli import main; main()"], env=env, capture_output=True,
+                         text=True).stdout.split()
+    assert {"plain,buildings", "plain,landcover"} <= set(out) and "file," in out  # names, then files
+    env.update(COMP_WORDS="geoseg evaluate s.tif l.gpkg -m la", COMP_CWORD="5")
+    out = subprocess.run([sys.executable, "-c", "from geoseg.cli import main; main()"], env=env, capture_output=True,
+                         text=True).stdout.split()
+    assert "plain,landcover" in out and "plain,buildings" not in out

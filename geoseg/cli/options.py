@@ -75,8 +75,19 @@ def output_option(**kw: Any) -> Callable:
 
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace outputs that already exist.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def complete_model(ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
+    """Shell completion of --model: the built-in model names, then .keras files (no Keras import)."""
+    from click.shell_completion import CompletionItem
+
+    from geoseg.models.bundle import list_builtin
+
+    names = [CompletionItem(e["name"], help=", ".join(e["classes"][1:])) for e in list_builtin()
+             if e["name"].startswith(incomplete)]
+    return names + [CompletionItem(incomplete, type="file")]
+
+
 model_option = click.option(
-    "-m", "--model", default=None, metavar="NAME|PATH",
+    "-m", "--model", default=None, metavar="NAME|PATH", shell_complete=complete_model,
     help="A built-in model name (see `geoseg models`) or a .keras bundle. Default: buildings.",
 )
 
