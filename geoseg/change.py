@@ -498,11 +498,14 @@ def change(
     progress: Progress | None = None,
     bundle=None,
     aoi: str | os.PathLike | None = None,
+    preview: str | os.PathLike | None = None,
 ) -> ChangeResult:
     """Compare ``before`` and ``after`` and write change polygons to the GeoPackage ``output`` (and
     the change raster to ``raster_out``), all or nothing. ``aoi``: only inside these polygons (any
     vector file, any CRS; ``geoseg.aoi``): the common grid shrinks to them, scenes are segmented
-    only there (with a rim of context for the tolerance), nothing outside is reported.
+    only there (with a rim of context for the tolerance), nothing outside is reported. ``preview``: a
+    PNG quick look of what appeared and disappeared over AFTER (``geoseg.preview``; over BEFORE when
+    only BEFORE is a scene, over AFTER's class ids in gray when neither is).
 
     Scenes are segmented with ``bundle`` (already loaded) or ``model`` (name or path; default the
     built-in model, loaded only when a scene needs it); rasters from earlier runs are reused.
@@ -524,6 +527,8 @@ def change(
         raise InputError(f"-o {output}: the change polygons go to a GeoPackage; use a name ending in .gpkg")
     if raster_out is not None and Path(raster_out).suffix.lower() not in (".tif", ".tiff"):
         raise InputError(f"--raster-out {raster_out}: the change raster is a GeoTIFF; use a name ending in .tif")
+    if preview is not None and Path(preview).suffix.lower() != ".png":
+        raise InputError(f"--preview {preview}: the quick look is a PNG; use a name ending in .png")
     dates = [detect_input(p, role, classes=options.classes, predict_options=predict_options)
              for p, role in ((before, "BEFORE"), (after, "AFTER"))]
     scenes = [d for d in dates if d.kind == "scene"]
@@ -554,7 +559,7 @@ def change(
         area = read_area(aoi, grid.crs)
         grid = _grid_within(grid, area, margin_px=math.ceil(tolerance / min(grid.pixel_m)) + 2, aoi=aoi)
     min_area = options.min_area if options.min_area is not None else DEFAULT_MIN_AREA_PX * grid.pixel_m[0] * grid.pixel_m[1]
-    for path in (output, raster_out):  # outputs before any heavy work
+    for path in (output, raster_out, preview):  # outputs before any heavy work
         if path is not None:
             check_output(path, overwrite=overwrite)
     log.info("comparing on %s, %d x %d pixels of %.3g x %.3g m; tolerance %.3g m, margin %g, min area %.3g m²",
@@ -649,9 +654,9 @@ def change(
                                  colors=colors, background=background, crs=grid.crs, min_area=min_area,
                                  metadata=run_meta, height=grid.height, progress=progress)
         timings["polygonize"] = round(time.perf_counter() - t0, 3)
+        labels = ["no change"] + [f"{names[i]} → {names[j]}" for i, j in transitions(n)[1:]]
+        ccolors = code_colors(names, colors, background)
         if raster_tmp:
-            labels = ["no change"] + [f"{names[i]} → {names[j]}" for i, j in transitions(n)[1:]]
-            ccolors = code_colors(names, colors, background)
             outputs.write_cog(
                 code_path, raster_tmp,
                 colormap=outputs.class_colormap(ccolors, nodata=CODE_NODATA),
@@ -662,6 +667,16 @@ def change(
             )
             outputs.write_raster_qml(raster_tmp.with_suffix(".qml"), class_names=labels, colors=ccolors,
                                      transparent={0})
+        if preview is not None:
+            from geoseg.preview import write_preview
+
+            t0 = time.perf_counter()
+            quiet = {0} | {k for k, (i, j) in enumerate(transitions(n)) if i in background and j in background}
+            under = next((d for d in (a, b) if d.kind == "scene"), a)
+            write_preview(staging.output(preview), under.path, code_path, class_names=labels, colors=ccolors,
+                          hidden=quiet, nodata=CODE_NODATA, bands=predict_options.bands if under.kind == "scene" else None,
+                          gsd_m=grid.pixel_m[0])
+            timings["preview"] = round(time.perf_counter() - t0, 3)
         staging.commit()
 
     timings["total"] = round(time.perf_counter() - t_start, 3)
@@ -669,6 +684,8 @@ def change(
     outs = {"gpkg": str(output)}
     if raster_out:
         outs["raster"] = str(raster_out)
+    if preview:
+        outs["preview"] = str(preview)
     return ChangeResult(
         before=str(before), after=str(after), kinds={"before": b.kind, "after": a.kind}, outputs=outs,
         model=model_info, class_names=names, crs=grid.crs.to_string(),

@@ -890,13 +890,14 @@ def predict(
     centerlines: bool | None = None,
     centerline_options=None,
     aoi: str | os.PathLike | None = None,
+    preview: str | os.PathLike | None = None,
 ) -> PredictResult:
     """Segment ``scene`` and write the GeoPackage ``output`` (and optional rasters), all or nothing.
     ``regularize``: straight, right-angled outlines for the ``building`` class (``geoseg.regularize``).
     ``centerlines``: a ``road_centerline`` line layer too (``geoseg.centrelines``; None: when the model
     has a class named ``centerline_options.class_name``, default ``road``). ``aoi``: polygons (any
     vector file, any CRS) outside which nothing is written (``geoseg.aoi``); the outputs cover their
-    bounding box."""
+    bounding box. ``preview``: a PNG quick look of the classes over the scene (``geoseg.preview``)."""
     from geoseg import centrelines as roads
     from geoseg import outputs, polygons
     from geoseg.scales import zoom_text
@@ -909,13 +910,15 @@ def predict(
     for path, what in ((raster_out, "--raster-out"), (probs_out, "--probs-out")):
         if path is not None and Path(path).suffix.lower() not in (".tif", ".tiff"):
             raise InputError(f"{what} {path}: raster outputs are GeoTIFFs; use a name ending in .tif")
+    if preview is not None and Path(preview).suffix.lower() != ".png":
+        raise InputError(f"--preview {preview}: the quick look is a PNG; use a name ending in .png")
     info = open_scene(scene, bands=options.bands, assume_crs=options.assume_crs)
     if aoi is not None:
         from geoseg.aoi import restrict
 
         info = restrict(info, aoi)
     # Fail on outputs before any heavy work.
-    for path in (output, raster_out, probs_out):
+    for path in (output, raster_out, probs_out, preview):
         if path is not None:
             check_output(path, overwrite=overwrite)
     own_model = bundle is None
@@ -1045,6 +1048,13 @@ def predict(
                 resampling="average",
             )
         timings["write"] = round(time.perf_counter() - t0, 3)
+        if preview is not None:
+            from geoseg.preview import write_preview
+
+            t0 = time.perf_counter()
+            write_preview(staging.output(preview), info.path, seg.class_path, class_names=class_names, colors=colors,
+                          hidden=set(meta.background), nodata=CLASS_NODATA, bands=info.bands, gsd_m=info.gsd)
+            timings["preview"] = round(time.perf_counter() - t0, 3)
         staging.commit()
 
     timings["total"] = round(time.perf_counter() - t_start, 3)
@@ -1053,6 +1063,8 @@ def predict(
         outs["raster"] = str(raster_out)
     if probs_out:
         outs["probs"] = str(probs_out)
+    if preview:
+        outs["preview"] = str(preview)
     return PredictResult(
         scene=str(info.path),
         model_gsd_m=bundle.meta.gsd,

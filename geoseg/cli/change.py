@@ -28,6 +28,9 @@ from geoseg.cli.options import (
               help="Misregistration tolerance: a pixel from A to B does not count when B lies within this "
                    "distance on BEFORE and A within it on AFTER. Default: 3 m or 1.5 pixels, whichever is "
                    "larger; 0: off.")
+@click.option("--preview", type=click.Path(dir_okay=False), default=None, metavar="PNG",
+              help="Also write a quick look: what appeared (green) and disappeared (red) over AFTER, at most "
+                   "2048 px on the long side, with a legend and a scale bar.")
 @aoi_option("the change outputs cover their bounding box, nodata outside them")
 @inference_options
 @overwrite_option
@@ -35,7 +38,7 @@ from geoseg.cli.options import (
 @click.pass_context
 def change(ctx: click.Context, before: str, after: str, output: str, model: str | None, raster_out: str | None,
            class_names: str | None, min_area: float | None, margin: float, tolerance: float | None,
-           aoi: str | None, overwrite: bool, as_json: bool, **inference) -> None:
+           preview: str | None, aoi: str | None, overwrite: bool, as_json: bool, **inference) -> None:
     """Compare two dates of a place: polygons of what appeared and what disappeared, per class.
 
     BEFORE and AFTER are scenes (segmented with the model) or rasters of an earlier
@@ -56,7 +59,8 @@ def change(ctx: click.Context, before: str, after: str, output: str, model: str 
     with StageBars("compare", quiet=bool(ctx.obj.get("quiet")),
                    units={"compare": "row", "polygonize": "row"}) as progress:
         result = run(before, after, output, model=model, raster_out=raster_out, options=options,
-                     predict_options=predict_options, overwrite=overwrite, progress=progress, aoi=aoi)
+                     predict_options=predict_options, overwrite=overwrite, progress=progress, aoi=aoi,
+                     preview=preview)
     if as_json:
         echo_json(result.to_dict())
         return

@@ -18,6 +18,9 @@ from geoseg.cli.options import (
               help="Also write the class raster as a Cloud-Optimized GeoTIFF (with a QGIS .qml style).")
 @click.option("--probs-out", type=click.Path(dir_okay=False), default=None,
               help="Also write per-class probabilities (float32 COG, one band per class).")
+@click.option("--preview", type=click.Path(dir_okay=False), default=None, metavar="PNG",
+              help="Also write a quick look: the classes over the scene, at most 2048 px on the long side, with a "
+                   "legend and a scale bar.")
 @aoi_option("the outputs cover their bounding box, nodata outside them")
 @click.option("--min-area", "min_area_m2", default=None, metavar="M2|CLASS=M2,...",
               help="Drop polygons smaller than this many m²: one value for every class, or per class "
@@ -36,7 +39,7 @@ from geoseg.cli.options import (
 @json_option
 @click.pass_context
 def predict(ctx: click.Context, scene: str, output: str, model: str | None, raster_out: str | None,
-            probs_out: str | None, aoi: str | None, min_area_m2: float | None, regularize: bool, polygonize: str,
+            probs_out: str | None, preview: str | None, aoi: str | None, min_area_m2: float | None, regularize: bool, polygonize: str,
             overwrite: bool, as_json: bool, **inference) -> None:
     """Segment SCENE and write polygons per class to a GeoPackage.
 
@@ -55,7 +58,7 @@ def predict(ctx: click.Context, scene: str, output: str, model: str | None, rast
     with StageBars("predict", quiet=bool(ctx.obj.get("quiet"))) as progress:
         result = run(scene, output, model=model, raster_out=raster_out, probs_out=probs_out,
                      options=options, overwrite=overwrite, progress=progress, regularize=regularize, aoi=aoi,
-                     centerlines=centerlines, centerline_options=line_options)
+                     centerlines=centerlines, centerline_options=line_options, preview=preview)
     if as_json:
         echo_json(result.to_dict())
         return
