@@ -48,12 +48,12 @@ from geoseg.errors import GeosegError, InputError, OutputError
 
 log = logging.getLogger(__name__)
 
-JOB_FORMAT = 1  # bump when a job's outputs change for the same inputs, so old outputs are redone
+JOB_FORMAT = 2  # bump when a job's outputs change for the same inputs, so old outputs are redone (2: previews)
 JOB_FILE = "job.json"
 REPORT_FILE = "report.json"
 STATE_DIR = ".geoseg-batch"
-PREDICT_OUTPUTS = {"gpkg": "polygons.gpkg", "raster": "classes.tif", "probs": "probs.tif"}
-CHANGE_OUTPUTS = {"gpkg": "changes.gpkg", "raster": "change.tif"}
+PREDICT_OUTPUTS = {"gpkg": "polygons.gpkg", "raster": "classes.tif", "probs": "probs.tif", "preview": "preview.png"}
+CHANGE_OUTPUTS = {"gpkg": "changes.gpkg", "raster": "change.tif", "preview": "preview.png"}
 # options that change only speed or memory, never the outputs: left out of a job's key
 SPEED_ONLY = ("batch_size", "prefetch", "chunk_width")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -447,7 +447,7 @@ def _run_predict(job: Job) -> dict[str, Any]:
     options = PredictOptions(**kw)
     out = job.outputs
     result = predict(job.inputs["scene"], out["gpkg"], raster_out=out["raster"], probs_out=out["probs"],
-                     options=options, overwrite=True, bundle=_bundle(job.model, options.precision),
+                     preview=out["preview"], options=options, overwrite=True, bundle=_bundle(job.model, options.precision),
                      regularize=bool(job.options.get("regularize")), aoi=job.inputs.get("aoi"))
     return {"counts": result.counts, "area_m2": result.area_m2, "timings_s": result.timings_s}
 
@@ -457,7 +457,7 @@ def _run_change(job: Job) -> dict[str, Any]:
 
     out = job.outputs
     result = change(job.inputs["before"], job.inputs["after"], out["gpkg"], raster_out=out["raster"],
-                    options=ChangeOptions(**job.options["change"]), overwrite=True, aoi=job.inputs.get("aoi"))
+                    preview=out["preview"], options=ChangeOptions(**job.options["change"]), overwrite=True, aoi=job.inputs.get("aoi"))
     return result.to_dict()
 
 
@@ -702,6 +702,15 @@ class BatchReport:
         return {**dataclasses.asdict(self), "counts": self.counts, "ok": self.ok}
 
 
+def _write_reports(report_file: Path, report: BatchReport) -> None:
+    """``report.json`` and, beside it, the page ``report.html`` (``geoseg.report``)."""
+    from geoseg.report import write_report_html
+
+    doc = report.to_dict()
+    _write_json(report_file, doc)
+    write_report_html(report_file.with_suffix(".html"), doc)
+
+
 def _made_by_this_run(job: Job, status: dict[str, Any]) -> dict[str, Any]:
     """The status of a job that was not current when it was submitted but came back current: a
     worker finished it and died before reporting, and the retry found its outputs. This run made
@@ -788,7 +797,7 @@ def run_batch(
             if on_job:
                 on_job(entries[job.id])
             report.seconds = round(time.perf_counter() - t0, 3)
-            _write_json(report_file, report.to_dict())
+            _write_reports(report_file, report)
 
         while waiting or running:
             for job in list(waiting):
@@ -820,7 +829,7 @@ def run_batch(
                     log.error("%s failed: %s", job.id, status["error"])
         report.finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         report.seconds = round(time.perf_counter() - t0, 3)
-        _write_json(report_file, report.to_dict())
+        _write_reports(report_file, report)
         return report
     finally:
         if executor is not None:

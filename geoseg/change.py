@@ -672,8 +672,11 @@ def change(
 
             t0 = time.perf_counter()
             quiet = {0} | {k for k, (i, j) in enumerate(transitions(n)) if i in background and j in background}
+            # the legend in words (and ASCII: the picture's font has no arrow)
+            said = ["no change"] + [f"{names[j]} appeared" if i in background else f"{names[i]} disappeared"
+                                    if j in background else f"{names[i]} -> {names[j]}" for i, j in transitions(n)[1:]]
             under = next((d for d in (a, b) if d.kind == "scene"), a)
-            write_preview(staging.output(preview), under.path, code_path, class_names=labels, colors=ccolors,
+            write_preview(staging.output(preview), under.path, code_path, class_names=said, colors=ccolors,
                           hidden=quiet, nodata=CODE_NODATA, bands=predict_options.bands if under.kind == "scene" else None,
                           gsd_m=grid.pixel_m[0])
             timings["preview"] = round(time.perf_counter() - t0, 3)
