@@ -42,6 +42,107 @@ def check_output(path: str | os.PathLike, *, overwrite: bool) -> Path:
     return p
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same existing file: through symlinks and hard links (the same
+    device and inode), not by their spelling."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except (OSError, ValueError):
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _is_local(path: str | os.PathLike) -> bool:
+    """A path on the file system (not a GDAL virtual path such as /vsizip/... or a URL)."""
+    text = os.fspath(path)
+    return not (text.startswith("/vsi") or "://" in text)
+
+
+def check_not_inputs(outputs: dict[str, str | os.PathLike | None], inputs: dict[str, str | os.PathLike | None]) -> None:
+    """OutputError when an output is the same file as an input (``--raster-out scene.tif``), also
+    through a symlink or a hard link, and also with --overwrite: an output never replaces an input.
+    Both are dicts of what the user calls them (``"--raster-out"``, ``"SCENE"``) to paths (None: not given)."""
+    for out_name, out in outputs.items():
+        if out is None or not _is_local(out):
+            continue
+        for in_name, src in inputs.items():
+            if src is None or not _is_local(src):
+                continue
+            if same_file(out, src) or Path(os.path.abspath(out)) == Path(os.path.abspath(src)):
+                raise OutputError(f"{out_name} {out} is the input {in_name} ({src}); an output never replaces an "
+                                  f"input, even with --overwrite: choose another output path")
+
+
+class OutputLock:
+    """One writer per output: a lock file beside each final path (``.NAME.geoseg-lock``, created
+    exclusively, holding the writer's pid), taken before any work and removed when the run ends.
+    A second run that wants the same path stops at once, naming the pid; a lock whose process is
+    gone (killed with SIGKILL) is stale and is taken over."""
+
+    def __init__(self, paths: list[str | os.PathLike | None]) -> None:
+        self.files: list[Path] = []
+        try:
+            for p in sorted({Path(os.path.abspath(p)) for p in paths if p is not None and _is_local(p)}):
+                self._take(p)
+        except BaseException:
+            self.release()
+            raise
+
+    @staticmethod
+    def lock_path(path: Path) -> Path:
+        return path.with_name(f".{path.name}.geoseg-lock")
+
+    def _take(self, path: Path) -> None:
+        lock = self.lock_path(path)
+        for _ in range(3):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(lock.read_text().strip() or "0")
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _pid_alive(pid):
+                    raise OutputError(f"{path} is being written by another geoseg run (pid {pid}); wait for it "
+                                      f"to finish or choose another output path") from None
+                lock.unlink(missing_ok=True)  # stale: its run is gone (or it is this process's own leftover)
+                continue
+            except OSError:
+                return  # the folder is checked by check_output; a lock cannot be taken there: go on without
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.files.append(lock)
+            return
+        raise OutputError(f"could not take the lock {lock}; another geoseg run keeps writing there")
+
+    def release(self) -> None:
+        for lock in self.files:
+            try:
+                if lock.read_text().strip() == str(os.getpid()):
+                    lock.unlink()
+            except OSError:
+                pass
+        self.files.clear()
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def claim_outputs(outputs: dict[str, str | os.PathLike | None], *, inputs: dict[str, str | os.PathLike | None],
+                  overwrite: bool) -> OutputLock:
+    """Before any work: every output can be written (``check_output``), none is an input
+    (``check_not_inputs``), and this run is its only writer (``OutputLock``; use the result as a
+    context manager, or call ``release()``)."""
+    check_not_inputs(outputs, inputs)
+    for path in outputs.values():
+        if path is not None:
+            check_output(path, overwrite=overwrite)
+    return OutputLock(list(outputs.values()))
+
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)

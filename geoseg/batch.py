@@ -381,6 +381,19 @@ def plan(manifest: Manifest, *, hashes: HashCache | None = None) -> list[Job]:
                 options={"change": _canonical(copts)}, needs=(a.id, b.id),
                 key=job_key({"kind": "change", "before": a.key, "after": b.key, "options": _canonical(copts)}),
             ))
+    # an output of one job must never be a scene or an area of the manifest (or the model)
+    from geoseg.atomic import check_not_inputs
+
+    sources = {f"scene {s.path}": s.path for s in manifest.scenes}
+    sources.update({f"area {a}": p for a, p in manifest.aois.items()})
+    sources["the model"] = model_path
+    for job in jobs:
+        if job.error:
+            continue
+        try:
+            check_not_inputs({f"the {k} output of {job.id}": p for k, p in job.outputs.items()}, sources)
+        except OutputError as exc:
+            job.error = str(exc)
     hashes.save()
     return jobs
 

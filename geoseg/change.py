@@ -43,7 +43,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 import geoseg
-from geoseg.atomic import Staging, check_output
+from geoseg.atomic import Staging, claim_outputs
 from geoseg.blend import decision_bias
 from geoseg.errors import InputError
 from geoseg.predict import PredictOptions
@@ -559,128 +559,130 @@ def change(
         area = read_area(aoi, grid.crs)
         grid = _grid_within(grid, area, margin_px=math.ceil(tolerance / min(grid.pixel_m)) + 2, aoi=aoi)
     min_area = options.min_area if options.min_area is not None else DEFAULT_MIN_AREA_PX * grid.pixel_m[0] * grid.pixel_m[1]
-    for path in (output, raster_out, preview):  # outputs before any heavy work
-        if path is not None:
-            check_output(path, overwrite=overwrite)
-    log.info("comparing on %s, %d x %d pixels of %.3g x %.3g m; tolerance %.3g m, margin %g, min area %.3g m²",
-             grid.crs.to_string(), grid.width, grid.height, *grid.pixel_m, tolerance, options.margin, min_area)
-    hashes = {d.role: _Background(_sha256_or_blank, d.path) for d in dates}
+    # outputs before any heavy work: none is an input, and this run is their only writer
+    inputs = {"BEFORE": before, "AFTER": after, "--aoi": aoi,
+              "--model": model if model is not None and Path(str(model)).is_file() else None}
+    with claim_outputs({"-o": output, "--raster-out": raster_out, "--preview": preview}, inputs=inputs,
+                       overwrite=overwrite):
+        log.info("comparing on %s, %d x %d pixels of %.3g x %.3g m; tolerance %.3g m, margin %g, min area %.3g m²",
+                 grid.crs.to_string(), grid.width, grid.height, *grid.pixel_m, tolerance, options.margin, min_area)
+        hashes = {d.role: _Background(_sha256_or_blank, d.path) for d in dates}
 
-    with Staging(overwrite=overwrite) as staging:
-        gpkg_tmp = staging.output(output)
-        raster_tmp = staging.output(raster_out) if raster_out else None
-        scratch = staging.scratch(output)
-        timings["prepare"] = round(time.perf_counter() - t_start, 3)
-        if scenes:
-            own_model = bundle is None
-            t0 = time.perf_counter()
-            if own_model:
-                bundle = load_model_for(model, predict_options)
-                timings["load_model"] = round(time.perf_counter() - t0, 3)
-            t0 = time.perf_counter()
-            ran: dict[str, list[float]] = {}  # the zooms each date ran (one finer than its pixels is left out)
-            for i, d in enumerate(dates):
-                if d.kind != "scene":
-                    continue
-                from geoseg.scene import open_scene
+        with Staging(overwrite=overwrite) as staging:
+            gpkg_tmp = staging.output(output)
+            raster_tmp = staging.output(raster_out) if raster_out else None
+            scratch = staging.scratch(output)
+            timings["prepare"] = round(time.perf_counter() - t_start, 3)
+            if scenes:
+                own_model = bundle is None
+                t0 = time.perf_counter()
+                if own_model:
+                    bundle = load_model_for(model, predict_options)
+                    timings["load_model"] = round(time.perf_counter() - t0, 3)
+                t0 = time.perf_counter()
+                ran: dict[str, list[float]] = {}  # the zooms each date ran (one finer than its pixels is left out)
+                for i, d in enumerate(dates):
+                    if d.kind != "scene":
+                        continue
+                    from geoseg.scene import open_scene
 
-                info = open_scene(d.path, bands=predict_options.bands, assume_crs=predict_options.assume_crs)
-                if aoi is not None:  # segment the area and a rim around it: context for the tolerance
-                    from geoseg.aoi import restrict
+                    info = open_scene(d.path, bands=predict_options.bands, assume_crs=predict_options.assume_crs)
+                    if aoi is not None:  # segment the area and a rim around it: context for the tolerance
+                        from geoseg.aoi import restrict
 
-                    info = restrict(info, aoi, margin_m=tolerance + 3 * max(grid.pixel_m))
-                folder = scratch / d.role.lower()
-                folder.mkdir()
-                stage = d.role.lower()
-                seg = segment(info, bundle, folder, options=predict_options, probs=True,
-                              progress=(lambda done, total, s=stage: progress(s, done, total)) if progress else None)
-                dates[i] = replace(d, read_path=str(seg.probs_path), read_kind="probs",
-                                   thresholds=tuple(thresholds(predict_options, meta).values()))
-                ran[d.role] = seg.scales
-            timings["segment"] = round(time.perf_counter() - t0, 3)
-            texts = {role: zoom_text(z) for role, z in ran.items()}
-            multi = any(len(z) > 1 for z in ran.values())
-            model_info = {"name": meta.name, "sha256": bundle.sha256, "path": str(bundle.path),
-                          "precision": bundle.precision,
-                          "scales": (next(iter(texts.values())) if len(set(texts.values())) == 1
-                                     else "; ".join(f"{role.lower()} {t}" for role, t in texts.items())),
-                          **({"scale_merge": scales_for(predict_options, meta)[1]} if multi else {})}
-            if own_model:  # the rest does not need the model: give its memory back
-                bundle = None
-                _release_keras()
-        else:
-            model_info = None
-        b, a = dates
-
-        t0 = time.perf_counter()
-        code_path, conf_path = scratch / "change.tif", scratch / "confidence.tif"
-        has_probs = "probs" in (b.read_kind, a.read_kind)
-        pixels = _compare_dates(b, a, grid, code_path, conf_path if has_probs else None, n=n,
-                                margin=options.margin, tolerance_m=tolerance, progress=progress, area=area)
-        timings["compare"] = round(time.perf_counter() - t0, 3)
-
-        run_meta = {
-            "geoseg_version": geoseg.__version__,
-            "command": "change",
-            "before": str(Path(b.path).resolve()),
-            "before_kind": b.kind,
-            "before_sha256": hashes["BEFORE"].result(),
-            "after": str(Path(a.path).resolve()),
-            "after_kind": a.kind,
-            "after_sha256": hashes["AFTER"].result(),
-            **({"aoi": str(Path(aoi).resolve())} if aoi is not None else {}),
-            **({"model_name": model_info["name"], "model_sha256": model_info["sha256"],
-                "model_path": model_info["path"], "tile_size": str(predict_options.tile_size or ""),
-                "overlap": str("" if predict_options.overlap is None else predict_options.overlap),
-                "batch_size": str(predict_options.batch_size), "blend": predict_options.blend,
-                "precision": model_info["precision"], "gsd": predict_options.gsd, "tta": predict_options.tta,
-                **{k: model_info[k] for k in ("scales", "scale_merge") if k in model_info}}
-               if model_info else {}),
-            "class_names": ",".join(names),
-            "background": ",".join(names[i] for i in sorted(background)),
-            "crs": grid.crs.to_string(),
-            "resolution": f"{grid.transform.a:.12g},{-grid.transform.e:.12g}",
-            "size": f"{grid.width}x{grid.height}",
-            "tolerance_m": f"{tolerance:g}",
-            "margin": f"{options.margin:g}",
-            "min_area_m2": f"{min_area:g}",
-            "confidence": ("mean over the polygon of min(p_before(from_class), p_after(to_class)); a date "
-                           "given as a class raster counts as probability 1" if has_probs else
-                           "none: both dates are class rasters"),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        t0 = time.perf_counter()
-        totals = _write_polygons(gpkg_tmp, code_path, conf_path if has_probs else None, names=names,
-                                 colors=colors, background=background, crs=grid.crs, min_area=min_area,
-                                 metadata=run_meta, height=grid.height, progress=progress)
-        timings["polygonize"] = round(time.perf_counter() - t0, 3)
-        labels = ["no change"] + [f"{names[i]} → {names[j]}" for i, j in transitions(n)[1:]]
-        ccolors = code_colors(names, colors, background)
-        if raster_tmp:
-            outputs.write_cog(
-                code_path, raster_tmp,
-                colormap=outputs.class_colormap(ccolors, nodata=CODE_NODATA),
-                band_descriptions=["change"],
-                tags={**run_meta, "class_names": ",".join(code_names(names)), "source_class_names": ",".join(names),
-                      "change_codes": ",".join(f"{k}={v}" for k, v in enumerate(code_names(names))),
-                      "min_area_m2": f"{min_area:g}"},
-            )
-            outputs.write_raster_qml(raster_tmp.with_suffix(".qml"), class_names=labels, colors=ccolors,
-                                     transparent={0})
-        if preview is not None:
-            from geoseg.preview import write_preview
+                        info = restrict(info, aoi, margin_m=tolerance + 3 * max(grid.pixel_m))
+                    folder = scratch / d.role.lower()
+                    folder.mkdir()
+                    stage = d.role.lower()
+                    seg = segment(info, bundle, folder, options=predict_options, probs=True,
+                                  progress=(lambda done, total, s=stage: progress(s, done, total)) if progress else None)
+                    dates[i] = replace(d, read_path=str(seg.probs_path), read_kind="probs",
+                                       thresholds=tuple(thresholds(predict_options, meta).values()))
+                    ran[d.role] = seg.scales
+                timings["segment"] = round(time.perf_counter() - t0, 3)
+                texts = {role: zoom_text(z) for role, z in ran.items()}
+                multi = any(len(z) > 1 for z in ran.values())
+                model_info = {"name": meta.name, "sha256": bundle.sha256, "path": str(bundle.path),
+                              "precision": bundle.precision,
+                              "scales": (next(iter(texts.values())) if len(set(texts.values())) == 1
+                                         else "; ".join(f"{role.lower()} {t}" for role, t in texts.items())),
+                              **({"scale_merge": scales_for(predict_options, meta)[1]} if multi else {})}
+                if own_model:  # the rest does not need the model: give its memory back
+                    bundle = None
+                    _release_keras()
+            else:
+                model_info = None
+            b, a = dates
 
             t0 = time.perf_counter()
-            quiet = {0} | {k for k, (i, j) in enumerate(transitions(n)) if i in background and j in background}
-            # the legend in words (and ASCII: the picture's font has no arrow)
-            said = ["no change"] + [f"{names[j]} appeared" if i in background else f"{names[i]} disappeared"
-                                    if j in background else f"{names[i]} -> {names[j]}" for i, j in transitions(n)[1:]]
-            under = next((d for d in (a, b) if d.kind == "scene"), a)
-            write_preview(staging.output(preview), under.path, code_path, class_names=said, colors=ccolors,
-                          hidden=quiet, nodata=CODE_NODATA, bands=predict_options.bands if under.kind == "scene" else None,
-                          gsd_m=grid.pixel_m[0])
-            timings["preview"] = round(time.perf_counter() - t0, 3)
-        staging.commit()
+            code_path, conf_path = scratch / "change.tif", scratch / "confidence.tif"
+            has_probs = "probs" in (b.read_kind, a.read_kind)
+            pixels = _compare_dates(b, a, grid, code_path, conf_path if has_probs else None, n=n,
+                                    margin=options.margin, tolerance_m=tolerance, progress=progress, area=area)
+            timings["compare"] = round(time.perf_counter() - t0, 3)
+
+            run_meta = {
+                "geoseg_version": geoseg.__version__,
+                "command": "change",
+                "before": str(Path(b.path).resolve()),
+                "before_kind": b.kind,
+                "before_sha256": hashes["BEFORE"].result(),
+                "after": str(Path(a.path).resolve()),
+                "after_kind": a.kind,
+                "after_sha256": hashes["AFTER"].result(),
+                **({"aoi": str(Path(aoi).resolve())} if aoi is not None else {}),
+                **({"model_name": model_info["name"], "model_sha256": model_info["sha256"],
+                    "model_path": model_info["path"], "tile_size": str(predict_options.tile_size or ""),
+                    "overlap": str("" if predict_options.overlap is None else predict_options.overlap),
+                    "batch_size": str(predict_options.batch_size), "blend": predict_options.blend,
+                    "precision": model_info["precision"], "gsd": predict_options.gsd, "tta": predict_options.tta,
+                    **{k: model_info[k] for k in ("scales", "scale_merge") if k in model_info}}
+                   if model_info else {}),
+                "class_names": ",".join(names),
+                "background": ",".join(names[i] for i in sorted(background)),
+                "crs": grid.crs.to_string(),
+                "resolution": f"{grid.transform.a:.12g},{-grid.transform.e:.12g}",
+                "size": f"{grid.width}x{grid.height}",
+                "tolerance_m": f"{tolerance:g}",
+                "margin": f"{options.margin:g}",
+                "min_area_m2": f"{min_area:g}",
+                "confidence": ("mean over the polygon of min(p_before(from_class), p_after(to_class)); a date "
+                               "given as a class raster counts as probability 1" if has_probs else
+                               "none: both dates are class rasters"),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            t0 = time.perf_counter()
+            totals = _write_polygons(gpkg_tmp, code_path, conf_path if has_probs else None, names=names,
+                                     colors=colors, background=background, crs=grid.crs, min_area=min_area,
+                                     metadata=run_meta, height=grid.height, progress=progress)
+            timings["polygonize"] = round(time.perf_counter() - t0, 3)
+            labels = ["no change"] + [f"{names[i]} → {names[j]}" for i, j in transitions(n)[1:]]
+            ccolors = code_colors(names, colors, background)
+            if raster_tmp:
+                outputs.write_cog(
+                    code_path, raster_tmp,
+                    colormap=outputs.class_colormap(ccolors, nodata=CODE_NODATA),
+                    band_descriptions=["change"],
+                    tags={**run_meta, "class_names": ",".join(code_names(names)), "source_class_names": ",".join(names),
+                          "change_codes": ",".join(f"{k}={v}" for k, v in enumerate(code_names(names))),
+                          "min_area_m2": f"{min_area:g}"},
+                )
+                outputs.write_raster_qml(raster_tmp.with_suffix(".qml"), class_names=labels, colors=ccolors,
+                                         transparent={0})
+            if preview is not None:
+                from geoseg.preview import write_preview
+
+                t0 = time.perf_counter()
+                quiet = {0} | {k for k, (i, j) in enumerate(transitions(n)) if i in background and j in background}
+                # the legend in words (and ASCII: the picture's font has no arrow)
+                said = ["no change"] + [f"{names[j]} appeared" if i in background else f"{names[i]} disappeared"
+                                        if j in background else f"{names[i]} -> {names[j]}" for i, j in transitions(n)[1:]]
+                under = next((d for d in (a, b) if d.kind == "scene"), a)
+                write_preview(staging.output(preview), under.path, code_path, class_names=said, colors=ccolors,
+                              hidden=quiet, nodata=CODE_NODATA, bands=predict_options.bands if under.kind == "scene" else None,
+                              gsd_m=grid.pixel_m[0])
+                timings["preview"] = round(time.perf_counter() - t0, 3)
+            staging.commit()
 
     timings["total"] = round(time.perf_counter() - t_start, 3)
     layers = [nm for i, nm in enumerate(names) if i not in background]

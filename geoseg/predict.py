@@ -30,7 +30,7 @@ import rasterio
 from rasterio.windows import Window
 
 import geoseg
-from geoseg.atomic import Staging, check_output
+from geoseg.atomic import Staging, claim_outputs
 from geoseg.blend import StripAccumulator, Strip, decision_bias, resolve_thresholds, weight_window
 from geoseg.errors import InputError
 from geoseg.models.bundle import PRECISIONS
@@ -917,145 +917,145 @@ def predict(
         from geoseg.aoi import restrict
 
         info = restrict(info, aoi)
-    # Fail on outputs before any heavy work.
-    for path in (output, raster_out, probs_out, preview):
-        if path is not None:
-            check_output(path, overwrite=overwrite)
-    own_model = bundle is None
-    if own_model:
-        bundle = load_model_for(model, options)
-    meta = bundle.meta
-    timings["load"] = round(time.perf_counter() - t_start, 3)
-    class_names = list(meta.class_names)
-    colors = list(meta.colors)
-    min_area = min_areas(options, meta)
-    cleanup = cleanup_for(options, meta)
-    threshold = thresholds(options, meta)  # a bad --threshold fails before the model runs
-    if regularize:
-        building_class(class_names)  # fail before the model runs
-    line_options = centerline_options or roads.CentrelineOptions()
-    if centerlines is not False:
-        line_options.check()
-    if centerlines:
-        roads.road_class(class_names, line_options.class_name, required=True)
-    scene_hash = _Background(_sha256_or_blank, info.path)  # the scene's checksum, read while the model runs
-    with Staging(overwrite=overwrite) as staging:
-        gpkg_tmp = staging.output(output)
-        raster_tmp = staging.output(raster_out) if raster_out else None
-        probs_tmp = staging.output(probs_out) if probs_out else None
-        kept = [name for i, name in enumerate(class_names) if i not in set(meta.background)]
+    # Fail on outputs before any heavy work: none is an input, and this run is their only writer.
+    inputs = {"SCENE": scene, "--aoi": aoi, "--model": model if model is not None and Path(str(model)).is_file() else None}
+    with claim_outputs({"-o": output, "--raster-out": raster_out, "--probs-out": probs_out, "--preview": preview},
+                       inputs=inputs, overwrite=overwrite):
+        own_model = bundle is None
+        if own_model:
+            bundle = load_model_for(model, options)
+        meta = bundle.meta
+        timings["load"] = round(time.perf_counter() - t_start, 3)
+        class_names = list(meta.class_names)
+        colors = list(meta.colors)
+        min_area = min_areas(options, meta)
+        cleanup = cleanup_for(options, meta)
+        threshold = thresholds(options, meta)  # a bad --threshold fails before the model runs
+        if regularize:
+            building_class(class_names)  # fail before the model runs
+        line_options = centerline_options or roads.CentrelineOptions()
+        if centerlines is not False:
+            line_options.check()
+        if centerlines:
+            roads.road_class(class_names, line_options.class_name, required=True)
+        scene_hash = _Background(_sha256_or_blank, info.path)  # the scene's checksum, read while the model runs
+        with Staging(overwrite=overwrite) as staging:
+            gpkg_tmp = staging.output(output)
+            raster_tmp = staging.output(raster_out) if raster_out else None
+            probs_tmp = staging.output(probs_out) if probs_out else None
+            kept = [name for i, name in enumerate(class_names) if i not in set(meta.background)]
 
-        how = dict(class_names=class_names, skip=set(meta.background), score_scale=1.0 / SCORE_SCALE,
-                   min_area_m2=min_area, cleanup=cleanup)
+            how = dict(class_names=class_names, skip=set(meta.background), score_scale=1.0 / SCORE_SCALE,
+                       min_area_m2=min_area, cleanup=cleanup)
 
-        def write_polygons(batches, pixel: float) -> dict:
-            """Write polygons.iter_polygons batches to the GeoPackage; {layer: (count, area)}."""
-            if regularize:
-                batches = polygons.regularize_batches(batches, class_id=building_class(class_names), pixel=pixel)
-            return outputs.write_polygon_stream(
-                gpkg_tmp, batches, class_names=class_names, layers=kept, crs=info.crs,
-                colors={name: tuple(c) for name, c in zip(class_names, colors)},
-                columns={"building": polygons.REGULARIZE_COLUMNS} if regularize else None,
-            )
+            def write_polygons(batches, pixel: float) -> dict:
+                """Write polygons.iter_polygons batches to the GeoPackage; {layer: (count, area)}."""
+                if regularize:
+                    batches = polygons.regularize_batches(batches, class_id=building_class(class_names), pixel=pixel)
+                return outputs.write_polygon_stream(
+                    gpkg_tmp, batches, class_names=class_names, layers=kept, crs=info.crs,
+                    colors={name: tuple(c) for name, c in zip(class_names, colors)},
+                    columns={"building": polygons.REGULARIZE_COLUMNS} if regularize else None,
+                )
 
-        # A scene of one column chunk is polygonized beside the model, strip by strip as the blender
-        # finishes them (LiveRows); otherwise from the class raster once the model is done.
-        live = LiveRows(info) if options.polygonize == "live" and streams_rows(info, meta, options) else None
-        live_polygons = None
-        if live is not None:
-            def polygonize_live():
-                error = None
-                try:
-                    return write_polygons(polygons.iter_polygons_of(live.rows(), **how), abs(info.transform.a))
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    live.reader_finished(error)
-
-            live_polygons = _Background(polygonize_live)
-        try:
-            seg = segment(info, bundle, staging.scratch(output), options=options, probs=probs_out is not None,
-                          progress=progress, timings=timings, on_rows=live.add if live else None)
-        except BaseException:
+            # A scene of one column chunk is polygonized beside the model, strip by strip as the blender
+            # finishes them (LiveRows); otherwise from the class raster once the model is done.
+            live = LiveRows(info) if options.polygonize == "live" and streams_rows(info, meta, options) else None
+            live_polygons = None
             if live is not None:
-                live.stop()
-                try:
-                    live_polygons.result()
-                except BaseException:  # noqa: S110 - the segmenting error is the one to report
-                    pass
-            raise
-        if own_model:  # polygonizing does not need the model: give its memory back first
-            bundle = dataclasses.replace(bundle, model=None)
-            _release_keras()
+                def polygonize_live():
+                    error = None
+                    try:
+                        return write_polygons(polygons.iter_polygons_of(live.rows(), **how), abs(info.transform.a))
+                    except BaseException as exc:
+                        error = exc
+                        raise
+                    finally:
+                        live.reader_finished(error)
 
-        t0 = time.perf_counter()
-        if live_polygons is not None:
-            totals = live_polygons.result()
-        else:
-            # the outlines' detail is the model's pixel when the scene was read resampled
-            coarser = max(1.0, (seg.work_gsd or info.gsd) / info.gsd)
-            totals = write_polygons(polygons.iter_polygons(seg.class_path, score_path=seg.score_path, **how),
-                                    abs(info.transform.a) * coarser)
-        timings["polygonize"] = round(time.perf_counter() - t0, 3)  # after the model (live: what was left)
-        run_meta = {
-            "geoseg_version": geoseg.__version__,
-            "model_name": meta.name,
-            "model_sha256": bundle.sha256,
-            "model_path": str(bundle.path),
-            "scene": str(Path(info.path).resolve()),
-            "scene_sha256": scene_hash.result(),
-            **({"aoi": str(Path(aoi).resolve()), "aoi_window": f"rows {info.row_off}-{info.row_off + info.height}, "
-                f"columns {info.col_off}-{info.col_off + info.width} of the scene"} if aoi is not None else {}),
-            "tile_size": str(seg.tile_size),
-            "overlap": str(seg.overlap),
-            "batch_size": str(options.batch_size),
-            "blend": options.blend,
-            "precision": bundle.precision,
-            "tta": options.tta,
-            "scales": zoom_text(seg.scales),
-            **({"scale_merge": scales_for(options, meta)[1]} if len(seg.scales) > 1 else {}),
-            "threshold": ",".join(f"{k}={v:g}" for k, v in threshold.items()),
-            "regularize": str(regularize).lower(),
-            "min_area_m2": ",".join(f"{k}={v:g}" for k, v in min_area.items()),
-            **cleanup.metadata(class_names),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        outputs.add_run_metadata(gpkg_tmp, run_meta)
-        t0 = time.perf_counter()
-        lines = roads.write_centreline_layer(gpkg_tmp, seg.class_path, class_names=class_names,
-                                             colors={name: tuple(c) for name, c in zip(class_names, colors)},
-                                             enabled=centerlines, options=line_options)
-        if lines:
-            timings["centerlines"] = round(time.perf_counter() - t0, 3)
-        t0 = time.perf_counter()
-        if raster_tmp:
-            outputs.write_cog(
-                seg.class_path,
-                raster_tmp,
-                colormap=outputs.class_colormap(colors, nodata=CLASS_NODATA),
-                band_descriptions=["class"],
-                tags={**run_meta, "class_names": ",".join(class_names)},
-            )
-            outputs.write_raster_qml(raster_tmp.with_suffix(".qml"), class_names=class_names, colors=colors,
-                                     transparent=set(meta.background))
-        if probs_tmp:
-            outputs.write_cog(
-                seg.probs_path,
-                probs_tmp,
-                band_descriptions=[f"p_{name}" for name in class_names],
-                tags=run_meta,
-                resampling="average",
-            )
-        timings["write"] = round(time.perf_counter() - t0, 3)
-        if preview is not None:
-            from geoseg.preview import write_preview
+                live_polygons = _Background(polygonize_live)
+            try:
+                seg = segment(info, bundle, staging.scratch(output), options=options, probs=probs_out is not None,
+                              progress=progress, timings=timings, on_rows=live.add if live else None)
+            except BaseException:
+                if live is not None:
+                    live.stop()
+                    try:
+                        live_polygons.result()
+                    except BaseException:  # noqa: S110 - the segmenting error is the one to report
+                        pass
+                raise
+            if own_model:  # polygonizing does not need the model: give its memory back first
+                bundle = dataclasses.replace(bundle, model=None)
+                _release_keras()
 
             t0 = time.perf_counter()
-            write_preview(staging.output(preview), info.path, seg.class_path, class_names=class_names, colors=colors,
-                          hidden=set(meta.background), nodata=CLASS_NODATA, bands=info.bands, gsd_m=info.gsd)
-            timings["preview"] = round(time.perf_counter() - t0, 3)
-        staging.commit()
+            if live_polygons is not None:
+                totals = live_polygons.result()
+            else:
+                # the outlines' detail is the model's pixel when the scene was read resampled
+                coarser = max(1.0, (seg.work_gsd or info.gsd) / info.gsd)
+                totals = write_polygons(polygons.iter_polygons(seg.class_path, score_path=seg.score_path, **how),
+                                        abs(info.transform.a) * coarser)
+            timings["polygonize"] = round(time.perf_counter() - t0, 3)  # after the model (live: what was left)
+            run_meta = {
+                "geoseg_version": geoseg.__version__,
+                "model_name": meta.name,
+                "model_sha256": bundle.sha256,
+                "model_path": str(bundle.path),
+                "scene": str(Path(info.path).resolve()),
+                "scene_sha256": scene_hash.result(),
+                **({"aoi": str(Path(aoi).resolve()), "aoi_window": f"rows {info.row_off}-{info.row_off + info.height}, "
+                    f"columns {info.col_off}-{info.col_off + info.width} of the scene"} if aoi is not None else {}),
+                "tile_size": str(seg.tile_size),
+                "overlap": str(seg.overlap),
+                "batch_size": str(options.batch_size),
+                "blend": options.blend,
+                "precision": bundle.precision,
+                "tta": options.tta,
+                "scales": zoom_text(seg.scales),
+                **({"scale_merge": scales_for(options, meta)[1]} if len(seg.scales) > 1 else {}),
+                "threshold": ",".join(f"{k}={v:g}" for k, v in threshold.items()),
+                "regularize": str(regularize).lower(),
+                "min_area_m2": ",".join(f"{k}={v:g}" for k, v in min_area.items()),
+                **cleanup.metadata(class_names),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            outputs.add_run_metadata(gpkg_tmp, run_meta)
+            t0 = time.perf_counter()
+            lines = roads.write_centreline_layer(gpkg_tmp, seg.class_path, class_names=class_names,
+                                                 colors={name: tuple(c) for name, c in zip(class_names, colors)},
+                                                 enabled=centerlines, options=line_options)
+            if lines:
+                timings["centerlines"] = round(time.perf_counter() - t0, 3)
+            t0 = time.perf_counter()
+            if raster_tmp:
+                outputs.write_cog(
+                    seg.class_path,
+                    raster_tmp,
+                    colormap=outputs.class_colormap(colors, nodata=CLASS_NODATA),
+                    band_descriptions=["class"],
+                    tags={**run_meta, "class_names": ",".join(class_names)},
+                )
+                outputs.write_raster_qml(raster_tmp.with_suffix(".qml"), class_names=class_names, colors=colors,
+                                         transparent=set(meta.background))
+            if probs_tmp:
+                outputs.write_cog(
+                    seg.probs_path,
+                    probs_tmp,
+                    band_descriptions=[f"p_{name}" for name in class_names],
+                    tags=run_meta,
+                    resampling="average",
+                )
+            timings["write"] = round(time.perf_counter() - t0, 3)
+            if preview is not None:
+                from geoseg.preview import write_preview
+
+                t0 = time.perf_counter()
+                write_preview(staging.output(preview), info.path, seg.class_path, class_names=class_names, colors=colors,
+                              hidden=set(meta.background), nodata=CLASS_NODATA, bands=info.bands, gsd_m=info.gsd)
+                timings["preview"] = round(time.perf_counter() - t0, 3)
+            staging.commit()
 
     timings["total"] = round(time.perf_counter() - t_start, 3)
     outs = {"gpkg": str(output)}

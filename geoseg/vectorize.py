@@ -21,7 +21,7 @@ import numpy as np
 import rasterio
 
 import geoseg
-from geoseg.atomic import Staging, check_output
+from geoseg.atomic import Staging, claim_outputs
 from geoseg.errors import InputError
 from geoseg.models.bundle import file_sha256
 from geoseg.training import PALETTE
@@ -111,84 +111,85 @@ def vectorize(
         if ds.crs is None:
             raise InputError(f"{class_path} has no CRS; assign one first (gdal_edit.py -a_srs EPSG:32633 {Path(class_path).name})")
         crs, height = ds.crs, ds.height
-    check_output(output, overwrite=overwrite)
-    names, colors = raster_classes(class_path, class_names)
-    skip_ids = set()
-    for item in ([0] if skip is None else skip):
-        if isinstance(item, int) or str(item).isdigit():
-            skip_ids.add(int(item))
-        elif item in names:
-            skip_ids.add(names.index(item))
-        else:
-            raise InputError(f"--skip {item!r} is not a class of {Path(class_path).name} ({', '.join(names)})")
-    areas = {n: 0.0 for n in names}
-    with rasterio.open(class_path) as ds:
-        tags = ds.tags()  # geoseg predict writes the values it used (the model's, or its options')
-    tagged = tags.get("min_area_m2")
-    if tagged and min_area_m2 is None:
-        from geoseg.predict import parse_min_area
+    # none is the input, and this run is its only writer
+    with claim_outputs({"-o": output}, inputs={"CLASSES": class_path}, overwrite=overwrite):
+        names, colors = raster_classes(class_path, class_names)
+        skip_ids = set()
+        for item in ([0] if skip is None else skip):
+            if isinstance(item, int) or str(item).isdigit():
+                skip_ids.add(int(item))
+            elif item in names:
+                skip_ids.add(names.index(item))
+            else:
+                raise InputError(f"--skip {item!r} is not a class of {Path(class_path).name} ({', '.join(names)})")
+        areas = {n: 0.0 for n in names}
+        with rasterio.open(class_path) as ds:
+            tags = ds.tags()  # geoseg predict writes the values it used (the model's, or its options')
+        tagged = tags.get("min_area_m2")
+        if tagged and min_area_m2 is None:
+            from geoseg.predict import parse_min_area
 
-        saved = parse_min_area(tagged)
-        areas.update({k: v for k, v in saved.items() if k in areas} if isinstance(saved, Mapping) else {})
-    if isinstance(min_area_m2, Mapping):
-        unknown = sorted(set(min_area_m2) - set(names))
-        if unknown:
-            raise InputError(f"--min-area names unknown class(es) {', '.join(unknown)}; the classes are {', '.join(names)}")
-        areas.update({k: float(v) for k, v in min_area_m2.items()})
-    elif min_area_m2 is not None:
-        areas = dict.fromkeys(names, float(min_area_m2))
-    if any(not v >= 0 for v in areas.values()):
-        raise InputError(f"--min-area must be >= 0 square metres, got {min_area_m2}")
-    from geoseg.cleanup import SETTINGS, Cleanup, parse_tagged, per_class
+            saved = parse_min_area(tagged)
+            areas.update({k: v for k, v in saved.items() if k in areas} if isinstance(saved, Mapping) else {})
+        if isinstance(min_area_m2, Mapping):
+            unknown = sorted(set(min_area_m2) - set(names))
+            if unknown:
+                raise InputError(f"--min-area names unknown class(es) {', '.join(unknown)}; the classes are {', '.join(names)}")
+            areas.update({k: float(v) for k, v in min_area_m2.items()})
+        elif min_area_m2 is not None:
+            areas = dict.fromkeys(names, float(min_area_m2))
+        if any(not v >= 0 for v in areas.values()):
+            raise InputError(f"--min-area must be >= 0 square metres, got {min_area_m2}")
+        from geoseg.cleanup import SETTINGS, Cleanup, parse_tagged, per_class
 
-    given = {"sieve_m2": sieve_m2, "max_hole_m2": max_hole_m2, "simplify_m": simplify_m}
-    cleanup = Cleanup(**{key: per_class(given[key], {n: parse_tagged(tags.get(key)).get(n, 0.0) for n in names},
-                                        option, unit) for key, (option, unit) in SETTINGS.items()})
-    layers = [n for i, n in enumerate(names) if i not in skip_ids]
-    line_options = centerline_options or roads.CentrelineOptions()
-    if centerlines is not False:
-        line_options.check()
-    if centerlines:
-        roads.road_class(names, line_options.class_name, required=True)  # fail before any work
-    if regularize:
-        from geoseg.predict import building_class
-
-        building = building_class(names)
-    meta = {
-        "geoseg_version": geoseg.__version__,
-        "command": "vectorize",
-        "source": str(Path(class_path).resolve()),
-        "source_sha256": file_sha256(class_path),
-        "class_names": ",".join(names),
-        "regularize": str(regularize).lower(),
-        "min_area_m2": ",".join(f"{k}={v:g}" for k, v in areas.items()),
-        **cleanup.metadata(names),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    done = 0
-
-    def rows(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, height)
-
-    with Staging(overwrite=overwrite) as staging:
-        tmp = staging.output(output)
-        batches = polygons.iter_polygons(str(class_path), class_names=names, skip=skip_ids, min_area_m2=areas,
-                                         progress=rows, cleanup=cleanup)
+        given = {"sieve_m2": sieve_m2, "max_hole_m2": max_hole_m2, "simplify_m": simplify_m}
+        cleanup = Cleanup(**{key: per_class(given[key], {n: parse_tagged(tags.get(key)).get(n, 0.0) for n in names},
+                                            option, unit) for key, (option, unit) in SETTINGS.items()})
+        layers = [n for i, n in enumerate(names) if i not in skip_ids]
+        line_options = centerline_options or roads.CentrelineOptions()
+        if centerlines is not False:
+            line_options.check()
+        if centerlines:
+            roads.road_class(names, line_options.class_name, required=True)  # fail before any work
         if regularize:
-            with rasterio.open(class_path) as ds:
-                pixel = abs(ds.transform.a)
-            batches = polygons.regularize_batches(batches, class_id=building, pixel=pixel)
-        totals = outputs.write_polygon_stream(tmp, batches, class_names=names, layers=layers, crs=crs,
-                                              colors=dict(zip(names, colors)), metadata=meta,
-                                              columns={"building": polygons.REGULARIZE_COLUMNS} if regularize else None)
-        t0 = time.perf_counter()
-        lines = roads.write_centreline_layer(tmp, class_path, class_names=names, colors=dict(zip(names, colors)),
-                                             enabled=centerlines, options=line_options)
-        centerline_s = time.perf_counter() - t0
-        staging.commit()
+            from geoseg.predict import building_class
+
+            building = building_class(names)
+        meta = {
+            "geoseg_version": geoseg.__version__,
+            "command": "vectorize",
+            "source": str(Path(class_path).resolve()),
+            "source_sha256": file_sha256(class_path),
+            "class_names": ",".join(names),
+            "regularize": str(regularize).lower(),
+            "min_area_m2": ",".join(f"{k}={v:g}" for k, v in areas.items()),
+            **cleanup.metadata(names),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        done = 0
+
+        def rows(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, height)
+
+        with Staging(overwrite=overwrite) as staging:
+            tmp = staging.output(output)
+            batches = polygons.iter_polygons(str(class_path), class_names=names, skip=skip_ids, min_area_m2=areas,
+                                             progress=rows, cleanup=cleanup)
+            if regularize:
+                with rasterio.open(class_path) as ds:
+                    pixel = abs(ds.transform.a)
+                batches = polygons.regularize_batches(batches, class_id=building, pixel=pixel)
+            totals = outputs.write_polygon_stream(tmp, batches, class_names=names, layers=layers, crs=crs,
+                                                  colors=dict(zip(names, colors)), metadata=meta,
+                                                  columns={"building": polygons.REGULARIZE_COLUMNS} if regularize else None)
+            t0 = time.perf_counter()
+            lines = roads.write_centreline_layer(tmp, class_path, class_names=names, colors=dict(zip(names, colors)),
+                                                 enabled=centerlines, options=line_options)
+            centerline_s = time.perf_counter() - t0
+            staging.commit()
     return VectorizeResult(
         source=str(class_path), output=str(output), class_names=names,
         counts={k: n for k, (n, _) in totals.items()}, area_m2={k: round(a, 3) for k, (_, a) in totals.items()},

@@ -1,0 +1,149 @@
+"""Hostile and careless input: an output never replaces an input (paths, symlinks, hard links, even
+with --overwrite), one writer per output (a second run stops at once; a stale lock is taken over).
+Each case: exit code, one ``Error:`` line, no traceback, nothing at the final path, the input's
+bytes unchanged (sha256 before and after)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rasterio.transform import from_origin
+
+from tests.conftest import write_raster
+from tests.test_faults import assert_error, invoke, models, run_geoseg, work  # noqa: F401  (fixtures)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _link(kind: str, target: Path, link: Path) -> Path:
+    if kind == "symlink":
+        link.symlink_to(target)
+    elif kind == "hardlink":
+        os.link(target, link)
+    elif kind == "relative":
+        link = Path(os.path.relpath(target))  # the same file, spelled from the working folder
+    else:
+        link = target
+    return link
+
+
+@pytest.mark.parametrize("kind", ["same", "symlink", "hardlink", "relative"])
+@pytest.mark.parametrize("option", ["--raster-out", "--probs-out"])
+def test_predict_never_writes_over_its_scene(work, models, kind, option):
+    folder, scene, _, out = work
+    before = sha(scene)
+    target = _link(kind, scene, folder / "alias.tif")
+    result = invoke("predict", scene, "-o", out / "p.gpkg", "--model", models["gray"], option, target, "--overwrite")
+    assert_error(result, "is the input SCENE", "even with --overwrite")
+    assert sha(scene) == before and not (out / "p.gpkg").exists()
+
+
+def test_predict_never_writes_over_its_area_or_model(work, models, tmp_path):
+    folder, scene, labels, out = work
+    model_copy = out / "model.gpkg"  # a model file with a polygon output's name
+    model_copy.write_bytes(Path(models["gray"]).read_bytes())
+    before = sha(labels)
+    assert_error(invoke("predict", scene, "-o", labels, "--model", models["gray"], "--aoi", labels, "--overwrite"),
+                 "is the input --aoi")
+    assert sha(labels) == before
+    assert_error(invoke("predict", scene, "-o", model_copy, "--model", model_copy, "--overwrite"), "is the input --model")
+
+
+@pytest.mark.parametrize("kind", ["same", "symlink", "hardlink"])
+def test_change_never_writes_over_either_date(work, models, kind):
+    folder, scene, _, out = work
+    ids = np.kron(np.random.default_rng(1).integers(0, 4, size=(10, 12)), np.ones((9, 9), int)).astype("uint8")
+    after = write_raster(folder / "after.tif", ids[None], nodata=255)
+    before_sha, after_sha = sha(scene), sha(after)
+    for victim, name in ((scene, "BEFORE"), (after, "AFTER")):
+        target = _link(kind, victim, folder / f"alias-{name}.tif")
+        result = invoke("change", scene, after, "-o", out / "c.gpkg", "--model", models["gray"], "--raster-out", target,
+                        "--overwrite")
+        assert_error(result, f"is the input {name}")
+        if target != victim:
+            target.unlink()
+    assert sha(scene) == before_sha and sha(after) == after_sha and not (out / "c.gpkg").exists()
+
+
+def test_vectorize_never_writes_over_its_class_raster(work):
+    folder, scene, _, out = work
+    link = folder / "classes.gpkg"
+    link.symlink_to(scene)  # a GeoPackage name that is the class raster
+    before = sha(scene)
+    assert_error(invoke("vectorize", scene, "-o", link, "--classes", "bg,a,b,c", "--overwrite"), "is the input CLASSES")
+    assert sha(scene) == before
+
+
+def test_batch_refuses_a_job_whose_output_is_a_scene(work, models, tmp_path):
+    folder, scene, _, out = work
+    runs = folder / "runs"
+    (runs / "town" / "2024-01-01").mkdir(parents=True)
+    inside = runs / "town" / "2024-01-01" / "classes.tif"  # the predict job's own class raster
+    inside.write_bytes(scene.read_bytes())
+    manifest = folder / "m.toml"
+    manifest.write_text(f'output = "runs"\nmodel = "{models["cnn"]}"\n[[scenes]]\narea = "town"\ndate = 2024-01-01\n'
+                        f'path = "{inside}"\n')
+    before = sha(inside)
+    result = invoke("batch", manifest)
+    assert result.exit_code == 1 and "is the input scene" in result.output
+    assert sha(inside) == before
+
+
+# --- one writer per output -------------------------------------------------------------------
+
+
+def _classes(folder: Path, size: int) -> Path:
+    rng = np.random.default_rng(2)
+    ids = np.kron(rng.integers(0, 3, size=(size // 8, size // 8)), np.ones((8, 8), int)).astype("uint8")
+    return write_raster(folder / "classes.tif", ids[None], nodata=255, transform=from_origin(500000, 5000000, 0.5, 0.5))
+
+
+def test_a_live_lock_stops_a_second_writer_and_a_stale_one_is_taken_over(work):
+    folder, _, _, out = work
+    classes = _classes(folder, 64)
+    target = out / "v.gpkg"
+    lock = out / ".v.gpkg.geoseg-lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(str(holder.pid))
+        result = invoke("vectorize", classes, "-o", target, "--classes", "bg,a,b")
+        assert_error(result, f"is being written by another geoseg run (pid {holder.pid})")
+        assert not target.exists() and lock.read_text() == str(holder.pid)  # the other run's lock is left alone
+    finally:
+        holder.kill()
+        holder.wait()
+    result = invoke("vectorize", classes, "-o", target, "--classes", "bg,a,b")  # its process is gone: stale
+    assert result.exit_code == 0, result.output
+    assert target.is_file() and not lock.exists()  # and this run's own lock is gone once it is done
+
+
+def test_two_runs_started_together_one_writes_the_other_stops_at_once(work):
+    folder, _, _, out = work
+    classes = _classes(folder, 4096)  # a few seconds of polygons
+    target = out / "v.gpkg"
+    lock = out / ".v.gpkg.geoseg-lock"
+    first = run_geoseg("vectorize", classes, "-o", target, "--classes", "bg,a,b")
+    try:
+        deadline = time.monotonic() + 60
+        while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert lock.exists(), first.communicate()[1]
+        t0 = time.monotonic()
+        second = run_geoseg("vectorize", classes, "-o", target, "--classes", "bg,a,b", "--overwrite")
+        _, err = second.communicate(timeout=60)
+        assert second.returncode == 1 and f"another geoseg run (pid {first.pid})" in err, err
+        assert time.monotonic() - t0 < 10  # at once: it did no work
+        assert [line for line in err.splitlines() if line.startswith("Error:")] == [err.strip().splitlines()[-1]]
+    finally:
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert target.is_file() and not lock.exists()
