@@ -58,7 +58,37 @@ class SceneInfo:
         return (self.height, self.width)
 
 
+def is_virtual(path: str | os.PathLike) -> bool:
+    """A GDAL virtual path (``/vsizip/...``, ``/vsicurl/...``) or a URL (``https://...``): passed to
+    GDAL as it is, never through ``pathlib`` (which would collapse the ``//``)."""
+    text = os.fspath(path)
+    return text.startswith("/vsi") or "://" in text
+
+
+def _missing_vrt_sources(path: str) -> list[str]:
+    """The local source files a VRT names that do not exist (GDAL opens such a VRT and fails only
+    when it reads, with a message about the read, not the missing file)."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError):
+        return []
+    base = Path(path).parent
+    missing = []
+    for node in root.iter("SourceFilename"):
+        name = (node.text or "").strip()
+        if not name or is_virtual(name):
+            continue
+        source = base / name if node.get("relativeToVRT") == "1" else Path(name)
+        if not source.exists() and str(source) not in missing:
+            missing.append(str(source))
+    return missing
+
+
 def _check_path(path: str | os.PathLike) -> str:
+    if is_virtual(path):
+        return os.fspath(path)
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file; check the path")
@@ -72,9 +102,18 @@ def _check_path(path: str | os.PathLike) -> str:
 def open_dataset(path: str | os.PathLike) -> rasterio.DatasetReader:
     """Open a raster for reading, turning GDAL's complaints into one clear InputError."""
     path = _check_path(path)
+    if path.lower().endswith(".vrt") and not is_virtual(path):
+        missing = _missing_vrt_sources(path)
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise InputError(f"{path} is a VRT whose source file {missing[0]}{more} does not exist; restore it, "
+                             f"or rebuild the VRT (gdalbuildvrt) from the files that are there")
     try:
         return rasterio.open(path)
     except RasterioIOError as exc:
+        if is_virtual(path):
+            raise InputError(f"{path} could not be opened by GDAL ({_first_line(exc)}); check the path inside "
+                             f"the archive or the URL (and, for a URL, the network)") from exc
         raise InputError(f"{path} is not a raster GDAL can read ({_first_line(exc)})") from exc
     except (RasterioError, UnicodeDecodeError, ValueError, OverflowError) as exc:
         # found by fuzzing: a damaged CRS name (not UTF-8) or georeference fails inside rasterio.open
@@ -152,6 +191,13 @@ def describe(ds: rasterio.DatasetReader, *, bands: tuple[int, ...] | None = None
             crs = rasterio.crs.CRS.from_user_input(assume_crs)
         except RasterioError as exc:
             raise InputError(f"--assume-crs {assume_crs!r} is not a CRS ({_first_line(exc)}); use e.g. EPSG:32633") from exc
+    gcps, gcp_crs = ds.gcps if hasattr(ds, "gcps") else ([], None)
+    if transform.is_identity and gcps and not assume_crs:
+        raise InputError(
+            f"{path} is georeferenced by {len(gcps)} ground control points (GCPs"
+            f"{f', in {gcp_crs}' if gcp_crs else ''}) but has no geotransform; geoseg reads north-up grids: "
+            f"warp it onto one with its GCPs first (gdalwarp -r bilinear {Path(path).name} warped.tif)"
+        )
     if crs is None and transform.is_identity:
         raise InputError(
             f"{path} has no georeference (no CRS, no geotransform); georeference it, or pass --assume-crs "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 from rasterio.transform import from_origin
 
 from tests.conftest import write_raster
@@ -147,3 +148,78 @@ def test_two_runs_started_together_one_writes_the_other_stops_at_once(work):
         _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert target.is_file() and not lock.exists()
+
+
+# --- errors that name the real cause ---------------------------------------------------------
+
+
+def _vrt(folder: Path, source: Path, *, relative: bool) -> Path:
+    import rasterio
+
+    with rasterio.open(source) as ds:
+        w, h, t = ds.width, ds.height, ds.transform
+        crs = ds.crs.to_wkt()
+    name = source.name if relative else str(source)
+    vrt = folder / "mosaic.vrt"
+    vrt.write_text(f"""<VRTDataset rasterXSize="{w}" rasterYSize="{h}">
+  <SRS>{crs.replace('"', '&quot;')}</SRS>
+  <GeoTransform>{t.c}, {t.a}, 0, {t.f}, 0, {t.e}</GeoTransform>
+  <VRTRasterBand dataType="Byte" band="1">
+    <SimpleSource>
+      <SourceFilename relativeToVRT="{int(relative)}">{name}</SourceFilename>
+      <SourceBand>1</SourceBand>
+    </SimpleSource>
+  </VRTRasterBand>
+</VRTDataset>
+""")
+    return vrt
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_a_vrt_whose_source_is_missing_names_the_source(work, models, relative):
+    folder, scene, _, out = work
+    source = folder / "tile_07.tif"
+    source.write_bytes(scene.read_bytes())
+    vrt = _vrt(folder, source, relative=relative)
+    ok = invoke("predict", vrt, "-o", out / "ok.gpkg", "--model", models["gray"])
+    assert ok.exit_code == 0, ok.output  # the VRT itself is fine
+    source.unlink()
+    error = assert_error(invoke("predict", vrt, "-o", out / "p.gpkg", "--model", models["gray"]),
+                         "is a VRT whose source file", "tile_07.tif", "does not exist")
+    assert "corrupted" not in error and not (out / "p.gpkg").exists()
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_gcp_georeferencing_is_named_with_the_fix(work, models):
+    import rasterio
+    from rasterio.control import GroundControlPoint
+
+    folder, scene, _, out = work
+    with rasterio.open(scene) as ds:
+        data, h, w = ds.read(), ds.height, ds.width
+    gcp = folder / "gcps.tif"
+    with rasterio.open(gcp, "w", driver="GTiff", width=w, height=h, count=1, dtype="uint8") as ds:
+        ds.write(data)
+        ds.gcps = ([GroundControlPoint(0, 0, 500000, 5000000), GroundControlPoint(0, w, 500000 + w / 2, 5000000),
+                    GroundControlPoint(h, 0, 500000, 5000000 - h / 2)], rasterio.crs.CRS.from_epsg(32633))
+    error = assert_error(invoke("predict", gcp, "-o", out / "p.gpkg", "--model", models["gray"]),
+                         "ground control points", "gdalwarp")
+    assert "no CRS" not in error and "EPSG:32633" in error
+
+
+def test_gdal_virtual_paths_reach_gdal_untouched(work, models):
+    import zipfile
+
+    folder, scene, _, out = work
+    archive = folder / "delivery.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(scene, "imagery/scene.tif")
+    inside = f"/vsizip/{archive}/imagery/scene.tif"
+    result = invoke("predict", inside, "-o", out / "z.gpkg", "--model", models["gray"])
+    assert result.exit_code == 0, result.output
+    assert (out / "z.gpkg").is_file()
+    assert_error(invoke("predict", f"/vsizip/{archive}/imagery/other.tif", "-o", out / "y.gpkg", "--model",
+                        models["gray"]), "could not be opened by GDAL", "inside the archive")
+    # a URL keeps its "//" (no network here: GDAL's own error comes back, naming the URL)
+    assert_error(invoke("predict", "https://example.invalid/scene.tif", "-o", out / "u.gpkg", "--model",
+                        models["gray"]), "https://example.invalid/scene.tif")
