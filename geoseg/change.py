@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -537,6 +538,12 @@ def change(
         check_options(predict_options)
         meta = bundle.meta if bundle is not None else read_meta(resolve_model(None if model is None else str(model)))
         thresholds(predict_options, meta)  # a bad --threshold fails before any work
+        from geoseg.predict import check_scene_for
+        from geoseg.scene import open_scene
+
+        for d in scenes:  # and so do each scene's bands, the tiling and the GSD
+            check_scene_for(open_scene(d.path, bands=predict_options.bands, assume_crs=predict_options.assume_crs),
+                            meta, predict_options)
         dates = [replace(d, class_names=tuple(meta.class_names), colors=tuple(tuple(c) for c in meta.colors))
                  if d.kind == "scene" else d for d in dates]
     elif model is not None or bundle is not None:
@@ -799,7 +806,7 @@ def _compare_dates(b: DateInput, a: DateInput, grid: Grid, code_path: Path, conf
                     progress("compare", r1, grid.height)
     finally:
         for w in writers:
-            w.close()
+            w.close(complete=sys.exc_info()[0] is None)  # failed or interrupted: no noise about scratch
     if counts["compared"] == 0:
         log.warning("BEFORE and AFTER overlap in their extents but no pixel has data on both dates")
     return counts

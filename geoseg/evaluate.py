@@ -501,8 +501,8 @@ def evaluate_classes(
                     matches[c] = match_objects(predicted_objects[c], truth_objects[c], iou_threshold=iou_threshold)
         timings["objects"] = round(time.perf_counter() - t0, 3)
     finally:
-        if truth_writer is not None:
-            truth_writer.close()
+        if truth_writer is not None:  # only when the scoring failed part-way: scratch, no check
+            truth_writer.close(complete=False)
         if scratch is not None:
             scratch.cleanup()
         if own_reader:
@@ -764,6 +764,9 @@ def evaluate(
     class_names = list(meta.class_names)
     min_area = min_areas(options, meta)
     thresholds(options, meta)  # a bad --threshold fails before the model loads
+    from geoseg.predict import check_scene_for
+
+    check_scene_for(info, meta, options)  # and so do bands, tiling and GSD
     from geoseg.centrelines import road_class
 
     if road_buffer_m is not None and not (math.isfinite(road_buffer_m) and road_buffer_m >= 0):

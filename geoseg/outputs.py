@@ -215,9 +215,11 @@ class TiledTiffWriter:
         except rasterio.errors.RasterioIOError as exc:
             raise OutputError(f"writing {self.path} failed: {exc}; check free disk space") from exc
 
-    def close(self) -> None:
-        """Write the last buffered rows and close the file (idempotent)."""
-        self._close(warn_incomplete=True)
+    def close(self, *, complete: bool = True) -> None:
+        """Write the last buffered rows and close the file (idempotent). ``complete=False`` (the run
+        failed or was interrupted, and the file is scratch to be removed) skips the check that every
+        column was written and its warning, which would only be noise on top of the real error."""
+        self._close(warn_incomplete=complete)
 
     def _close(self, *, warn_incomplete: bool) -> None:
         if self._ds.closed:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -387,9 +388,10 @@ class RasterSinks:
             self._writers[2].write(probs, **at)
         self.counts += np.bincount(classes[valid].ravel(), minlength=len(self.counts))[: len(self.counts)]
 
-    def close(self) -> None:
+    def close(self, *, complete: bool = True) -> None:
+        """Close the rasters; ``complete=False`` when the run failed: no check, no warning."""
         for w in self._writers:
-            w.close()
+            w.close(complete=complete)
 
 
 class _Stopped(Exception):
@@ -657,7 +659,7 @@ def resample_to_scene(work: "Segmentation", info: SceneInfo, out_dir: Path, *, c
     finally:
         for handle in [*vrts, *files]:
             handle.close()
-        sinks.close()
+        sinks.close(complete=sys.exc_info()[0] is None)  # failed or interrupted: no noise about scratch
     return dataclasses.replace(
         work, info=info, class_path=sinks.class_path, score_path=sinks.score_path, probs_path=sinks.probs_path,
         pixels={name: int(n) for name, n in zip(work.pixels, sinks.counts)},
@@ -806,6 +808,23 @@ def parse_min_area(text: str | None) -> float | dict[str, float] | None:
     return parse_per_class(text, "--min-area")
 
 
+def model_meta(model: str | os.PathLike | None):
+    """The metadata of ``--model`` (None: the default), read without Keras (milliseconds)."""
+    from geoseg.models.bundle import read_meta, resolve_model
+
+    return read_meta(resolve_model(None if model is None else str(model)))
+
+
+def check_scene_for(info: SceneInfo, meta, options: PredictOptions) -> None:
+    """Everything about the scene and the options that can be checked without the model, so that a
+    mistake is an error in a second, before Keras loads: the band count, the tiling (tile size and
+    overlap against the model's size multiple), the working grid and zooms."""
+    if len(info.bands) != len(meta.bands) and len(info.bands) != 1:
+        match_bands(info, meta.bands)  # raises, naming --bands
+    tiling_for(info, meta, options)
+    grids_for(info, meta, options, quiet=True)
+
+
 def load_model_for(model: str | os.PathLike | None, options: PredictOptions):
     """Resolve ``--model`` (None: the default) and load it with the requested precision."""
     from geoseg.models.bundle import load_bundle, resolve_model
@@ -865,7 +884,7 @@ def segment(
         tiles = run_model(info, bundle, tile_size=tile_size, overlap=overlap, options=options,
                           sink=sinks, progress=progress, timings=timings)
     finally:
-        sinks.close()
+        sinks.close(complete=sys.exc_info()[0] is None)  # failed or interrupted: no noise about scratch
     if tiles["skipped"] == tiles["total"]:
         log.warning("%s has no valid pixels (all nodata); the outputs are empty", info.path)
     return Segmentation(
@@ -922,22 +941,23 @@ def predict(
     with claim_outputs({"-o": output, "--raster-out": raster_out, "--probs-out": probs_out, "--preview": preview},
                        inputs=inputs, overwrite=overwrite):
         own_model = bundle is None
-        if own_model:
-            bundle = load_model_for(model, options)
-        meta = bundle.meta
-        timings["load"] = round(time.perf_counter() - t_start, 3)
+        meta = bundle.meta if bundle is not None else model_meta(model)  # no Keras yet: check everything first
         class_names = list(meta.class_names)
         colors = list(meta.colors)
         min_area = min_areas(options, meta)
         cleanup = cleanup_for(options, meta)
-        threshold = thresholds(options, meta)  # a bad --threshold fails before the model runs
+        threshold = thresholds(options, meta)
         if regularize:
-            building_class(class_names)  # fail before the model runs
+            building_class(class_names)
         line_options = centerline_options or roads.CentrelineOptions()
         if centerlines is not False:
             line_options.check()
         if centerlines:
             roads.road_class(class_names, line_options.class_name, required=True)
+        check_scene_for(info, meta, options)
+        if own_model:
+            bundle = load_model_for(model, options)
+        timings["load"] = round(time.perf_counter() - t_start, 3)
         scene_hash = _Background(_sha256_or_blank, info.path)  # the scene's checksum, read while the model runs
         with Staging(overwrite=overwrite) as staging:
             gpkg_tmp = staging.output(output)

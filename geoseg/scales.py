@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -242,7 +243,7 @@ def merge_to_scene(runs: list[Segmentation], info: SceneInfo, out_dir: Path, *, 
     finally:
         for handle in reversed(files):
             handle.close()
-        sinks.close()
+        sinks.close(complete=sys.exc_info()[0] is None)  # failed or interrupted: no noise about scratch
     return Segmentation(info=info, class_path=sinks.class_path, score_path=sinks.score_path,
                         probs_path=sinks.probs_path, tiles={}, tile_size=0, overlap=0,
                         pixels={name: int(n) for name, n in zip(runs[0].pixels, sinks.counts)})

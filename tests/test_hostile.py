@@ -223,3 +223,38 @@ def test_gdal_virtual_paths_reach_gdal_untouched(work, models):
     # a URL keeps its "//" (no network here: GDAL's own error comes back, naming the URL)
     assert_error(invoke("predict", "https://example.invalid/scene.tif", "-o", out / "u.gpkg", "--model",
                         models["gray"]), "https://example.invalid/scene.tif")
+
+
+# --- mistakes are found before the model loads ------------------------------------------------
+
+
+def _cli_without_keras(*args) -> tuple[int, str, bool]:
+    """Run the CLI in a fresh process; (exit code, stderr, whether Keras or TensorFlow was imported)."""
+    code = ("import sys\nfrom geoseg.cli import main\ntry:\n    main()\nexcept SystemExit as e:\n"
+            "    code = e.code\nloaded = any(m.split('.')[0] in ('keras', 'tensorflow') for m in sys.modules)\n"
+            "sys.stdout.write(f'{code} {loaded}')\n")
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    rc, loaded = proc.stdout.split()
+    return int(rc), proc.stderr, loaded == "True"
+
+
+@pytest.mark.parametrize("case", ["two-bands", "threshold", "tile-size", "overlap", "bands-index", "classes"])
+def test_mistakes_are_reported_before_the_model_loads(work, case):
+    folder, scene, labels, out = work
+    two = write_raster(folder / "two.tif", np.zeros((2, 64, 64), np.uint8))
+    three = write_raster(folder / "three.tif", np.zeros((3, 600, 600), np.uint8))
+    args = {
+        "two-bands": ["predict", two, "-o", out / "p.gpkg"],  # the default model: red, green, blue
+        "threshold": ["predict", three, "-o", out / "p.gpkg", "--threshold", "2.0"],
+        "tile-size": ["predict", three, "-o", out / "p.gpkg", "--tile-size", "100"],
+        "overlap": ["predict", three, "-o", out / "p.gpkg", "--overlap", "512", "--tile-size", "512"],
+        "bands-index": ["predict", three, "-o", out / "p.gpkg", "--bands", "1,2,5"],
+        "classes": ["evaluate", two, labels],
+    }[case]
+    rc, err, loaded = _cli_without_keras(*args)
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert rc == 1 and len(errors) == 1, err
+    assert not loaded, f"Keras was imported before the error: {errors[0]}"
+    assert "WARNING" not in err and "Traceback" not in err  # one line: no noise about temporary files
+    assert not list(out.iterdir())
