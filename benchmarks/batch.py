@@ -35,7 +35,7 @@ def manifest(folder: Path, dubai: Path) -> tuple[Path, int, float]:
     for _, _, path in rows:
         with rasterio.open(path) as ds:
             mpx += ds.width * ds.height / 1e6
-    text = 'model = "buildings"\n[predict]\nbands = [1, 2, 3]\ngsd = "native"\n\n'
+    text = 'model = "buildings"\n[predict]\nbands = [1, 2, 3]\ngsd = "native"\nforce = true  # throughput only: 5 m NAIP is far from the model\n\n'
     text += "".join(f'[[scenes]]\narea = "{a}"\ndate = "{d}"\npath = "{p}"\n\n' for a, d, p in rows)
     path = folder / "batch.toml"
     path.write_text(text)

@@ -151,7 +151,7 @@ def _classes_of(bundle, scene: Path, options, bands: tuple[int, ...], gsd: str) 
 
     info = open_scene(scene, bands=bands)
     with tempfile.TemporaryDirectory() as scratch:
-        seg = segment(info, bundle, scratch, options=dataclasses.replace(options, bands=bands, gsd=gsd))
+        seg = segment(info, bundle, scratch, options=dataclasses.replace(options, bands=bands, gsd=gsd, force=True))  # 10 m native: on purpose
         with rasterio.open(seg.class_path) as ds:
             ids = ds.read(1)
     return ids, ids != 255

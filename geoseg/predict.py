@@ -59,6 +59,7 @@ class PredictOptions:
     prefetch: int = 2
     chunk_width: int = 8192  # scenes wider than this are blended in column chunks (bounds memory)
     gsd: str = "auto"  # "auto": resample when outside the model's GSD range; "native"; or metres
+    force: bool = False  # let --gsd native run a scene more than GSD_FAR times outside the model's range
     stretch: str = "auto"  # "auto": match value ranges when the scene's dtype differs from the model's; "none"
     tta: str = "none"  # test-time augmentation: "none", "flips" (4 passes) or "d4" (8 passes)
     # zooms of the working grid run and merged (geoseg.scales), e.g. (1.0, 2.0); None: the model's
@@ -591,16 +592,39 @@ class Segmentation:
 
 
 MAX_UPSAMPLING = 8.0
+#: A scene whose pixels are more than this many times outside the model's GSD range is far from
+#: what the model learned: a warning, and ``--gsd native`` there needs ``--force``.
+GSD_FAR = 4.0
 
 
-def working_grid(info: SceneInfo, meta, gsd: str = "auto", *, quiet: bool = False) -> SceneInfo:
+def gsd_distance(info: SceneInfo, meta) -> float:
+    """How many times the scene's GSD lies outside the model's range (1: inside it)."""
+    if not meta.gsd_range or not info.gsd:
+        return 1.0
+    lo, hi = meta.gsd_range
+    return max(1.0, info.gsd / hi, lo / info.gsd)
+
+
+def working_grid(info: SceneInfo, meta, gsd: str = "auto", *, quiet: bool = False, force: bool = False) -> SceneInfo:
     """The grid the model runs on: the scene's own, or the scene resampled to the model's GSD.
 
     ``gsd``: ``"auto"`` resamples only when the scene's GSD is outside the range the model was
-    trained on; ``"native"`` never resamples; a number (metres) forces that GSD. ``quiet``: do not
-    log the resampling (a caller that only asks).
+    trained on; ``"native"`` never resamples, and refuses (unless ``force``) a scene more than
+    ``GSD_FAR`` times outside that range; a number (metres) forces that GSD. ``quiet``: do not
+    log (a caller that only asks).
     """
+    far = gsd_distance(info, meta)
     if gsd == "native":
+        if far > GSD_FAR and meta.gsd_range:
+            lo, hi = meta.gsd_range
+            text = (f"{Path(info.path).name} has {info.gsd:.3g} m pixels, {far:.0f}x outside the {lo:.3g}-{hi:.3g} m "
+                    f"the model was trained on; run as they are, its objects look {far:.0f}x "
+                    f"{'smaller' if info.gsd > hi else 'larger'} than the model learned them")
+            if not force:
+                raise InputError(f"{text}: use a model trained near {info.gsd:.3g} m, or --gsd auto, or pass "
+                                 f"--force to run it anyway")
+            if not quiet:
+                log.warning("%s (--force)", text)
         return info
     if gsd == "auto":
         if not meta.gsd or not meta.gsd_range or meta.gsd_range[0] <= info.gsd <= meta.gsd_range[1]:
@@ -618,11 +642,16 @@ def working_grid(info: SceneInfo, meta, gsd: str = "auto", *, quiet: bool = Fals
         raise InputError(
             f"{info.path} has {info.gsd:.3g} m pixels but the model works at {target:.3g} m: upsampling "
             f"{factor:.0f}x would only invent detail; use a model trained near {info.gsd:.3g} m, "
-            f"or pass --gsd native to run it on the scene as it is"
+            f"or pass --gsd native --force to run it on the scene as it is"
         )
     if not quiet:
         log.info("reading %s (%.3g m pixels) resampled to %.3g m, the model's GSD; outputs stay on the scene's grid",
                  Path(info.path).name, info.gsd, target)
+        if gsd == "auto" and far > GSD_FAR and info.gsd > target:
+            log.warning("%s has %.3g m pixels, %.0fx coarser than the model's range (%.3g-%.3g m): resampling "
+                        "adds no detail, so objects under about %.2g m cannot be found; a model trained near "
+                        "%.3g m would do better", Path(info.path).name, info.gsd, far, *meta.gsd_range,
+                        2 * info.gsd, info.gsd)
     return at_gsd(info, target)
 
 
@@ -697,7 +726,7 @@ def grids_for(info: SceneInfo, meta, options: PredictOptions, *, quiet: bool = F
     the options or the model ask for more zooms (``geoseg.scales.scale_grids``)."""
     from geoseg.scales import scale_grids
 
-    work = working_grid(info, meta, options.gsd, quiet=quiet)
+    work = working_grid(info, meta, options.gsd, quiet=quiet, force=options.force)
     scales, _ = scales_for(options, meta)
     return scale_grids(info, work, scales, quiet=quiet) if len(scales) > 1 else [(1.0, work)]
 

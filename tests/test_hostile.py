@@ -258,3 +258,43 @@ def test_mistakes_are_reported_before_the_model_loads(work, case):
     assert not loaded, f"Keras was imported before the error: {errors[0]}"
     assert "WARNING" not in err and "Traceback" not in err  # one line: no noise about temporary files
     assert not list(out.iterdir())
+
+
+# --- a model far from its ground sample distance ------------------------------------------------
+
+
+def test_native_gsd_far_from_the_model_needs_force(work):
+    folder, _, _, out = work
+    coarse = write_raster(folder / "naip_like.tif", np.zeros((3, 200, 200), np.uint8),
+                          transform=from_origin(500000, 5000000, 5.0, 5.0))  # 5 m, the 0.3 m buildings model
+    rc, err, loaded = _cli_without_keras("predict", coarse, "-o", out / "p.gpkg", "--gsd", "native")
+    assert rc == 1 and not loaded and "--force" in err and "5 m pixels" in err and "smaller" in err, err
+    assert not list(out.iterdir())
+    rc, err, _ = _cli_without_keras("change", coarse, coarse, "-o", out / "c.gpkg", "--gsd", "native")
+    assert rc == 1 and "--force" in err, err
+
+
+def test_force_runs_it_with_a_warning_and_auto_warns_when_far(caplog):
+    import dataclasses
+
+    from geoseg.predict import working_grid
+    from geoseg.scene import SceneInfo
+    from tests.testmodels import test_meta
+
+    meta = test_meta("m", classes=2, bands=3, gsd=0.3, gsd_range=(0.18, 0.51))
+    info = SceneInfo(path="far.tif", width=100, height=100, crs=rasterio.crs.CRS.from_epsg(32633),
+                     transform=from_origin(500000, 5000000, 2.5, 2.5), bands=(1, 2, 3), band_names=("r", "g", "b"),
+                     dtype="uint8", nodata=None, mask_kind="none", alpha_band=None, gsd=2.5)
+    with caplog.at_level("WARNING"):
+        assert working_grid(info, meta, "native", force=True) is info
+    assert "--force" in caplog.text and "5x outside" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # 2.2 m: 4.3x outside, 7.3x upsampled (8x is refused)
+        grid = working_grid(dataclasses.replace(info, gsd=2.2, transform=from_origin(500000, 5000000, 2.2, 2.2)),
+                            meta, "auto")
+    assert grid.gsd == pytest.approx(0.3, rel=0.01) and "coarser than the model's range" in caplog.text
+    near = dataclasses.replace(info, gsd=0.8, transform=from_origin(500000, 5000000, 0.8, 0.8))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert working_grid(near, meta, "native") is near  # 1.6x outside: runs, no warning
+    assert not caplog.text

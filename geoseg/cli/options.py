@@ -130,7 +130,11 @@ _INFERENCE = [
                       "else float32. mixed_float16 is for GPUs."),
     click.option("--gsd", default="auto", show_default=True, metavar="auto|native|METRES",
                  help="Ground sample distance the model runs at: auto resamples scenes outside the model's "
-                      "training range to its GSD (outputs stay on the scene's grid); native never resamples."),
+                      "training range to its GSD (outputs stay on the scene's grid); native never resamples "
+                      "(more than 4x outside the model's range it needs --force)."),
+    click.option("--force", is_flag=True,
+                 help="Run --gsd native on a scene whose pixels are more than 4x outside the model's GSD range "
+                      "(objects then look many times smaller or larger than the model learned them)."),
     click.option("--stretch", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
                  help="auto: when the scene's data type differs from the model's training imagery (e.g. "
                       "uint16 satellite data, uint8 model), map its 2-98 % value range onto the model's."),
@@ -156,7 +160,7 @@ _INFERENCE = [
                       "probable class. The probabilities written are unchanged."),
 ]
 _INFERENCE_KEYS = ("tile_size", "overlap", "batch_size", "blend", "precision", "gsd", "stretch", "bands", "assume_crs",
-                   "tta", "scale_merge")
+                   "tta", "scale_merge", "force")
 
 
 def inference_options(f: Callable) -> Callable:
