@@ -36,7 +36,7 @@ from geoseg.blend import StripAccumulator, Strip, decision_bias, resolve_thresho
 from geoseg.errors import InputError
 from geoseg.models.bundle import PRECISIONS
 from geoseg.scene import SceneInfo, SceneReader, at_gsd, open_scene
-from geoseg.tiling import Tile, check_tiling, plan_tiles
+from geoseg.tiling import Tile, TilePlan, check_tiling, tile_plan
 
 log = logging.getLogger(__name__)
 
@@ -154,15 +154,15 @@ def tiling_for(info: SceneInfo, meta, options: "PredictOptions") -> tuple[int, i
 
 
 def plan_chunks(info: SceneInfo, tile_size: int, overlap: int,
-                chunk_width: int) -> tuple[list[Tile], list[list[Tile]], list[tuple[int, int]]]:
+                chunk_width: int) -> tuple[TilePlan, list[TilePlan], list[tuple[int, int]]]:
     """The tiles of ``info`` (a crop: its parent's tiles that touch it), the tiles each column chunk
-    runs (a tile on a chunk edge is run by both) and the chunks' column ranges."""
+    runs (a tile on a chunk edge is run by both) and the chunks' column ranges. Lazy plans: their
+    size is O(rows + columns of tiles), whatever the scene's (or its header's) size."""
     grid = info.parent if info.parent is not None else info
-    tiles = plan_tiles(grid.height, grid.width, tile_size=tile_size, overlap=overlap,
-                       window=(info.row_off, info.row_off + info.height, info.col_off, info.col_off + info.width))
+    plan = tile_plan(grid.height, grid.width, tile_size=tile_size, overlap=overlap,
+                     window=(info.row_off, info.row_off + info.height, info.col_off, info.col_off + info.width))
     chunks = column_chunks(info.width, chunk_width)
-    per_chunk = [[t for t in tiles if t.col < b and t.col + tile_size > a] for a, b in chunks]
-    return tiles, per_chunk, chunks
+    return plan, [plan.touching(a, b) for a, b in chunks], chunks
 
 
 def value_stretch(info: SceneInfo, meta, mode: str = "auto") -> tuple[float, float] | None:
@@ -186,23 +186,36 @@ def value_stretch(info: SceneInfo, meta, mode: str = "auto") -> tuple[float, flo
     return (scale, tlo - lo * scale)
 
 
+@dataclass
+class Skips:
+    """Tiles found to have no valid pixels: ``runs`` counts them per chunk that reads them,
+    ``tiles`` once each (a tile on a chunk edge is read by two chunks)."""
+
+    runs: int = 0
+    tiles: int = 0
+
+
 def iter_batches(
     info: SceneInfo,
-    tiles: list[Tile],
+    tiles: TilePlan,
     *,
     batch_size: int,
     fill: np.ndarray,
     repeat: int,
-    skipped: list[int],
+    skipped: Skips,
     stretch: tuple[float, float] | None = None,
+    first_col: int | None = None,
 ) -> Iterator[Batch]:
-    """Read the scene strip by strip and yield fixed-shape batches of the tiles that have data."""
-    if not tiles:
+    """Read the scene strip by strip and yield fixed-shape batches of the tiles that have data.
+
+    ``tiles``: the plan of one column chunk; a skipped tile counts in ``skipped.tiles`` only in the
+    chunk it starts in (``first_col``: the chunk's first column; None: the first chunk, which also
+    counts the tiles that start left of the scene)."""
+    if not len(tiles):
         return
-    size = tiles[0].size
+    size = tiles.size
     nb = len(info.bands) * repeat
-    c_min = min(t.col for t in tiles)  # read only the columns these tiles need
-    c_max = max(t.col for t in tiles) + size
+    c_min, c_max = tiles.col_span()  # read only the columns these tiles need
     pending: list[tuple[Tile, np.ndarray, np.ndarray]] = []
 
     def emit() -> Batch:
@@ -214,19 +227,19 @@ def iter_batches(
         return b
 
     with SceneReader(info) as reader:
-        row_starts = sorted({t.row for t in tiles})
-        by_row: dict[int, list[Tile]] = {r: [] for r in row_starts}
-        for t in tiles:
-            by_row[t.row].append(t)
-        for r in row_starts:
+        for i in range(len(tiles.rows)):
+            row = tiles.row_tiles(i)
+            r = row[0].row
             data, valid = reader.read(r, r + size, c_min, c_max)
             area = reader.area(r, r + size, c_min, c_max)  # a crop's own pixels (None: all)
-            for t in by_row[r]:
+            for t in row:
                 c = t.col - c_min
                 v = valid[:, c : c + size]
                 out = v if area is None else v & area[:, c : c + size]
                 if not out.any():
-                    skipped.append(t.index)
+                    skipped.runs += 1
+                    if first_col is None or t.col >= first_col:  # counted by the chunk it starts in
+                        skipped.tiles += 1
                     continue
                 x = data[:, c : c + size].astype(np.float32)
                 if stretch is not None:
@@ -523,7 +536,7 @@ def run_model(
     bias = decision_bias(list(thresholds(options, meta).values()))
     timings = timings if timings is not None else {}
     t_model = t_blend = t_wait = 0.0
-    skipped: set[int] = set()
+    skipped = Skips()
     total = sum(map(len, per_chunk))  # tiles on chunk edges count once per chunk
     done = run = 0
     for (a, b), chunk_tiles in zip(chunks, per_chunk):
@@ -531,9 +544,9 @@ def run_model(
             height=info.height, width=b - a, col_off=a, classes=len(meta.classes), tile_size=tile_size,
             window=window, sink=sink, nodata=CLASS_NODATA, bias=bias,
         )
-        chunk_skipped: list[int] = []
+        runs_before = skipped.runs
         gen = iter_batches(info, chunk_tiles, batch_size=options.batch_size, fill=fill, repeat=repeat,
-                           skipped=chunk_skipped, stretch=stretch)
+                           skipped=skipped, stretch=stretch, first_col=a if a > chunks[0][0] else None)
 
         def blend(item, acc=acc) -> None:
             tiles_, logits_, valid_ = item
@@ -549,7 +562,7 @@ def run_model(
                 blender.put((batch.tiles, logits, batch.valid))
                 run += len(batch.tiles)
                 if progress:
-                    progress(done + run + len(chunk_skipped), total)
+                    progress(done + run + skipped.runs - runs_before, total)
         except BaseException:
             blender.close(raise_error=False)
             raise
@@ -560,14 +573,13 @@ def run_model(
         t1 = time.perf_counter()
         acc.finish()
         t_blend += time.perf_counter() - t1
-        skipped.update(chunk_skipped)
-        done += len(chunk_skipped)
+        done += skipped.runs - runs_before
     if progress:
         progress(total, total)
     timings["model"] = round(t_model, 3)
     timings["blend_write"] = round(t_blend, 3)  # in a background thread, overlapping the model
     timings["blend_wait"] = round(t_wait, 3)  # waiting for the blender after the last batch
-    return {"total": len(tiles), "skipped": len(skipped), "run": run, "chunks": len(chunks), "size": tile_size,
+    return {"total": len(tiles), "skipped": skipped.tiles, "run": run, "chunks": len(chunks), "size": tile_size,
             "overlap": overlap, "batch_size": options.batch_size}
 
 

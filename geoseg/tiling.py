@@ -81,6 +81,73 @@ def check_tiling(*, tile_size: int, overlap: int, size_multiple: int = 1) -> Non
         )
 
 
+@dataclass(frozen=True)
+class TilePlan:
+    """The tiles of a scene (or of a window of it), planned lazily: only the row and column starts
+    and cores are kept (a few thousand numbers for a scene of millions of pixels), and tiles are made
+    a row at a time, so planning costs O(rows + columns) in time and memory, not O(tiles).
+
+    ``rows`` and ``cols`` are ``(start, core0, core1)`` in the window's coordinates; a tile's
+    ``index`` is its row-major position in the whole plan (``ncols`` columns), also in a plan of
+    some of its columns (:meth:`touching`).
+    """
+
+    size: int
+    rows: tuple[tuple[int, int, int], ...]
+    cols: tuple[tuple[int, int, int], ...]
+    ncols: int
+    col_base: int = 0
+
+    def __len__(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+    def row_tiles(self, i: int) -> list[Tile]:
+        """The tiles of row ``i``, left to right."""
+        r, a, b = self.rows[i]
+        return [Tile(index=i * self.ncols + self.col_base + j, row=r, col=c, size=self.size, core=(a, b, d, e))
+                for j, (c, d, e) in enumerate(self.cols)]
+
+    def __iter__(self) -> Iterator[Tile]:
+        for i in range(len(self.rows)):
+            yield from self.row_tiles(i)
+
+    def touching(self, col0: int, col1: int) -> "TilePlan":
+        """The plan of the columns of tiles that reach into columns ``[col0, col1)`` (their indexes
+        unchanged); the columns that touch a range are consecutive."""
+        keep = [j for j, (c, _, _) in enumerate(self.cols) if c < col1 and c + self.size > col0]
+        if not keep:
+            return TilePlan(self.size, self.rows, (), self.ncols, self.col_base)
+        return TilePlan(self.size, self.rows, self.cols[keep[0]: keep[-1] + 1], self.ncols, self.col_base + keep[0])
+
+    def col_span(self) -> tuple[int, int]:
+        """``(first column, last column + 1)`` the plan's tiles cover (they may pass the window)."""
+        return self.cols[0][0], self.cols[-1][0] + self.size
+
+
+def _axis(length: int, lo: int, hi: int, *, tile_size: int, overlap: int) -> tuple[tuple[int, int, int], ...]:
+    """``(start, core0, core1)`` of the tiles along one axis that overlap ``[lo, hi)``, in the
+    window's coordinates (cores clipped to it; empty when the core lies outside)."""
+    starts = axis_starts(length, tile_size=tile_size, overlap=overlap)
+    out = []
+    for start, (c0, c1) in zip(starts, axis_cores(length, starts, tile_size=tile_size)):
+        if start >= hi or start + tile_size <= lo:
+            continue
+        a = max(c0, lo) - lo
+        b = max(c0, lo, min(c1, hi)) - lo
+        out.append((start - lo, a, b))
+    return tuple(out)
+
+
+def tile_plan(height: int, width: int, *, tile_size: int, overlap: int,
+              window: tuple[int, int, int, int] | None = None) -> TilePlan:
+    """The tiles of a ``height`` x ``width`` scene as a lazy :class:`TilePlan` (see
+    :func:`plan_tiles` for what the tiles are)."""
+    wr0, wr1, wc0, wc1 = window if window is not None else (0, height, 0, width)
+    rows = _axis(height, wr0, wr1, tile_size=tile_size, overlap=overlap)
+    cols = _axis(width, wc0, wc1, tile_size=tile_size, overlap=overlap)
+    return TilePlan(tile_size, rows, cols, len(cols))
+
+
 def plan_tiles(height: int, width: int, *, tile_size: int, overlap: int,
                window: tuple[int, int, int, int] | None = None) -> list[Tile]:
     """All tiles of a ``height`` x ``width`` scene, in row-major order (the order blending needs).
@@ -88,25 +155,10 @@ def plan_tiles(height: int, width: int, *, tile_size: int, overlap: int,
     ``window`` ``(row0, row1, col0, col1)``: only the scene's tiles that overlap that window, in
     the window's own coordinates (a crop of the scene, ``scene.crop``): the same tiles, so the crop
     blends exactly as the whole scene does there. They may then start above or left of the window
-    (negative ``row``/``col``); their cores are clipped to it and still partition it.
+    (negative ``row``/``col``); their cores are clipped to it and still partition it. A list: for
+    scenes of any size use :func:`tile_plan`, which makes the same tiles lazily.
     """
-    rows = axis_starts(height, tile_size=tile_size, overlap=overlap)
-    cols = axis_starts(width, tile_size=tile_size, overlap=overlap)
-    row_cores = axis_cores(height, rows, tile_size=tile_size)
-    col_cores = axis_cores(width, cols, tile_size=tile_size)
-    wr0, wr1, wc0, wc1 = window if window is not None else (0, height, 0, width)
-    tiles = []
-    for r, (r0, r1) in zip(rows, row_cores):
-        if r >= wr1 or r + tile_size <= wr0:
-            continue
-        for c, (c0, c1) in zip(cols, col_cores):
-            if c >= wc1 or c + tile_size <= wc0:
-                continue
-            a, b = max(r0, wr0) - wr0, max(r0, wr0, min(r1, wr1)) - wr0  # empty when the core is outside
-            d, e = max(c0, wc0) - wc0, max(c0, wc0, min(c1, wc1)) - wc0
-            core = (a, b, d, e)
-            tiles.append(Tile(index=len(tiles), row=r - wr0, col=c - wc0, size=tile_size, core=core))
-    return tiles
+    return list(tile_plan(height, width, tile_size=tile_size, overlap=overlap, window=window))
 
 
 def batches(tiles: list[Tile], batch_size: int) -> Iterator[list[Tile]]:
