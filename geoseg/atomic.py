@@ -251,11 +251,21 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale(folder: str | os.PathLike) -> list[Path]:
-    """Remove temporary outputs left in ``folder`` by geoseg runs that were killed (SIGKILL)."""
+    """Remove temporary outputs and output locks left in ``folder`` by geoseg runs that were killed
+    (SIGKILL). A lock counts as stale only when it names a pid that is gone: an empty one may be a
+    lock another run has just created and not yet written."""
     removed = []
     for p in Path(folder).iterdir():
         m = _TMP.search(p.name)
         if m and not _pid_alive(int(m.group(1))):
             _remove(p)
             removed.append(p)
+        elif p.name.startswith(".") and p.name.endswith(".geoseg-lock"):
+            try:
+                pid = int(p.read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if pid != os.getpid() and not _pid_alive(pid):
+                p.unlink(missing_ok=True)
+                removed.append(p)
     return removed
