@@ -539,6 +539,8 @@ def run_model(
     skipped = Skips()
     total = sum(map(len, per_chunk))  # tiles on chunk edges count once per chunk
     done = run = 0
+    if progress:
+        progress(0, total)  # the bar and its total show before the first batch (a huge scene's plan is known at once)
     for (a, b), chunk_tiles in zip(chunks, per_chunk):
         acc = StripAccumulator(
             height=info.height, width=b - a, col_off=a, classes=len(meta.classes), tile_size=tile_size,

@@ -25,6 +25,7 @@ from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.windows import Window
 
 from geoseg.errors import InputError
+from geoseg.tiffheader import HeaderError, check_tiff
 
 SUPPORTED_KINDS = "uifb"  # unsigned, signed, float, bool; complex ("c") is refused
 
@@ -109,7 +110,7 @@ def open_dataset(path: str | os.PathLike) -> rasterio.DatasetReader:
             raise InputError(f"{path} is a VRT whose source file {missing[0]}{more} does not exist; restore it, "
                              f"or rebuild the VRT (gdalbuildvrt) from the files that are there")
     try:
-        return rasterio.open(path)
+        ds = rasterio.open(path)
     except RasterioIOError as exc:
         if is_virtual(path):
             raise InputError(f"{path} could not be opened by GDAL ({_first_line(exc)}); check the path inside "
@@ -119,6 +120,13 @@ def open_dataset(path: str | os.PathLike) -> rasterio.DatasetReader:
         # found by fuzzing: a damaged CRS name (not UTF-8) or georeference fails inside rasterio.open
         raise InputError(f"{path} is a damaged raster: its header does not decode ({_first_line(exc)}); "
                          f"re-export or re-download it") from exc
+    if ds.driver == "GTiff" and not is_virtual(path):
+        try:
+            check_tiff(path)
+        except (HeaderError, OSError) as exc:
+            ds.close()
+            raise InputError(f"{path} is damaged: {exc}") from exc
+    return ds
 
 
 def _first_line(exc: BaseException) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -298,3 +299,154 @@ def test_force_runs_it_with_a_warning_and_auto_warns_when_far(caplog):
     with caplog.at_level("WARNING"):
         assert working_grid(near, meta, "native") is near  # 1.6x outside: runs, no warning
     assert not caplog.text
+
+
+# --- lying headers: refused at once; a real huge sparse scene runs with a progress bar ----------------
+
+
+def _patch_size(src: Path, dst: Path, width: int, height: int) -> Path:
+    """A copy of a classic little-endian TIFF whose ImageWidth/ImageLength claim ``width`` x ``height``."""
+    import struct
+
+    data = bytearray(src.read_bytes())
+    assert data[:4] == b"II*\x00"
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for i in range(struct.unpack("<H", data[ifd:ifd + 2])[0]):
+        at = ifd + 2 + 12 * i
+        tag = struct.unpack("<H", data[at:at + 2])[0]
+        if tag in (256, 257):
+            struct.pack_into("<HHII", data, at, tag, 4, 1, width if tag == 256 else height)  # as a LONG
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def _gray_scene(folder: Path, name: str, **profile) -> Path:
+    values = np.random.default_rng(5).integers(0, 255, size=(1, 256, 256)).astype("uint8")
+    return write_raster(folder / name, values, **profile)
+
+
+def _lying_commands(bad: Path, good: Path, labels: Path, out: Path, model: Path) -> dict[str, list]:
+    return {
+        "predict": ["predict", bad, "-o", out / "p.gpkg", "--model", model, "--raster-out", out / "p.tif"],
+        "evaluate": ["evaluate", bad, labels, "--model", model],
+        "change": ["change", good, bad, "-o", out / "c.gpkg", "--model", model],
+        "train": ["train", "--images", bad, "--labels", labels, "-o", out / "m.keras", "--epochs", 1,
+                  "--steps-per-epoch", 1, "--chip-size", 32, "--width", 4, "--depth", 1, "--classes",
+                  "background,class1"],
+    }
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "change", "train"])
+@pytest.mark.parametrize("layout", ["strips", "tiles"])
+def test_a_header_claiming_a_huge_raster_is_refused_as_damaged(work, models, command, layout):
+    folder, _, labels, out = work
+    profile = {"blockxsize": 128, "blockysize": 128} if layout == "tiles" else {"tiled": False}
+    good = _gray_scene(folder, "good.tif", **profile)
+    bad = _patch_size(good, folder / "patched.tif", 2_000_000, 2_000_000)
+    with rasterio.open(bad) as ds:  # GDAL itself opens it without complaint
+        assert ds.shape == (2_000_000, 2_000_000)
+    before = sha(bad)
+    error = assert_error(invoke(*_lying_commands(bad, good, labels, out, models["gray"])[command]),
+                         "patched.tif is damaged", "2,000,000 x 2,000,000 px", f"holds the position of only")
+    assert layout in error
+    assert sha(bad) == before and list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+@pytest.mark.parametrize("layout", ["strips", "tiles"])
+def test_a_file_cut_short_is_refused_before_any_work(work, models, command, layout):
+    folder, _, labels, out = work
+    profile = {"blockxsize": 128, "blockysize": 128} if layout == "tiles" else {"tiled": False}
+    good = _gray_scene(folder, "good.tif", **profile)
+    cut = folder / "cut.tif"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size - 5000])  # the header is whole, the last blocks are not
+    with rasterio.open(cut) as ds:
+        assert ds.shape == (256, 256)
+    before = sha(cut)
+    assert_error(invoke(*_lying_commands(cut, good, labels, out, models["gray"])[command]), "cut.tif is damaged",
+                 "past the end of the", "truncated")
+    assert sha(cut) == before and list(out.iterdir()) == []
+
+
+def test_the_header_check_passes_real_layouts(tmp_path):
+    """Band-interleaved tiles, compressed strips, one strip, BigTIFF and a sparse file are all fine."""
+    from geoseg.tiffheader import check_tiff
+
+    values = np.random.default_rng(6).integers(0, 255, size=(3, 300, 400)).astype("uint8")
+    for i, profile in enumerate([
+        {"interleave": "band", "blockxsize": 128, "blockysize": 128, "compress": "deflate"},
+        {"tiled": False, "compress": "lzw"}, {"tiled": False, "blockysize": 300}, {"BIGTIFF": "YES"},
+    ]):
+        check_tiff(write_raster(tmp_path / f"l{i}.tif", values, **profile))
+    sparse = tmp_path / "sparse.tif"
+    with rasterio.open(sparse, "w", driver="GTiff", width=40_000, height=30_000, count=1, dtype="uint8",
+                       tiled=True, blockxsize=256, blockysize=256, sparse_ok=True, crs="EPSG:32633",
+                       transform=from_origin(500000, 5000000, 0.5, 0.5)) as ds:
+        ds.write(np.ones((1, 256, 256), np.uint8), window=((256, 512), (0, 256)))
+    assert sparse.stat().st_size < 1_000_000  # 1.2 GB of pixels declared
+    check_tiff(sparse)
+
+
+def _in_a_terminal(args: list, until, timeout: float = 240.0) -> tuple[subprocess.Popen, str, object]:
+    """Start geoseg with stderr on a pseudo-terminal (120 columns), read until ``until(text)`` is true."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "geoseg", *map(str, args)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=slave, cwd=Path(__file__).resolve().parents[1])
+    os.close(slave)
+    text = ""
+
+    def read(seconds: float, stop=None) -> str:
+        nonlocal text
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    text += os.read(master, 65536).decode(errors="replace")
+                except OSError:
+                    break
+            elif proc.poll() is not None:
+                break
+            if stop is not None and stop(text):
+                break
+        return text
+
+    read(timeout, until)
+    return proc, text, read
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_huge_sparse_bigtiff_runs_with_a_progress_bar_and_stops_on_a_signal(work, models, sig, code):
+    import re
+
+    folder, _, _, out = work
+    scene = folder / "huge.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=1_000_000, height=1_000_000, count=1, dtype="uint8",
+                       tiled=True, blockxsize=512, blockysize=512, sparse_ok=True, BIGTIFF="YES", crs="EPSG:32633",
+                       transform=from_origin(500000, 5000000, 0.5, 0.5)) as ds:
+        ds.write(np.ones((1, 512, 512), np.uint8), window=((0, 512), (0, 512)))
+    before = sha(scene)
+    bar = re.compile(r"predict:\s+0%[^\r\n]*\| *(\d+)/(\d+) \[[0-9:]+<([0-9:]+)")  # done/total [elapsed<ETA]
+    proc, text, read = _in_a_terminal(["predict", scene, "-o", out / "huge.gpkg", "--model", models["cnn"],
+                                       "--raster-out", out / "huge.tif", "--tile-size", 256, "--overlap", 32],
+                                      lambda t: len(bar.findall(t)) >= 3)
+    found = bar.findall(text)
+    assert len(found) >= 3, f"no progress bar with a total and an ETA:\n{text[-2000:]}"
+    done, total, eta = found[-1]
+    assert int(total) > 15_000_000 and int(done) > 0 and eta.count(":") >= 1  # 1,000,000² px in tiles of 256
+    proc.send_signal(sig)
+    t0 = time.monotonic()
+    text = read(60)
+    proc.wait(timeout=60)
+    assert proc.returncode == code, text[-2000:]
+    assert time.monotonic() - t0 < 20  # on a busy 2-core machine; about 1 s when idle
+    assert "Error: interrupted" in text and "Traceback" not in text
+    assert list(out.iterdir()) == [] and sha(scene) == before

@@ -73,6 +73,9 @@ _register()
 
 
 def _sigterm(signum: int, frame: object) -> None:
+    from geoseg.cli.options import note_sigterm
+
+    note_sigterm()
     raise KeyboardInterrupt
 
 
@@ -100,4 +103,14 @@ def main() -> None:
     """Entry point: SIGTERM behaves like Ctrl-C, so temporary files are removed either way."""
     signal.signal(signal.SIGTERM, _sigterm)
     _silence_native_stderr()
-    cli(prog_name="geoseg")
+    try:
+        cli(prog_name="geoseg")
+    except SystemExit as exc:
+        if exc.code in (130, 143):
+            # interrupted: temporary files are already gone; skip the interpreter's teardown of a loaded
+            # TensorFlow (seconds on a busy machine), so that the run ends as soon as it is clean
+            sys.stdout.flush()
+            sys.stderr.flush()
+            logging.shutdown()
+            os._exit(exc.code)
+        raise

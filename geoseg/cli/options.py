@@ -57,7 +57,7 @@ class GeosegGroup(click.Group):
             fail(str(exc), verbose=bool((ctx.obj or {}).get("verbose")))
         except KeyboardInterrupt:
             click.echo("Error: interrupted; temporary files were removed and earlier outputs left as they were", err=True)
-            sys.exit(130)
+            sys.exit(interrupt_code())
         except MemoryError:
             fail("out of memory; lower --batch-size or --tile-size", verbose=bool((ctx.obj or {}).get("verbose")))
         except OSError as exc:
@@ -243,6 +243,19 @@ def pop_cleanup_options(kwargs: dict[str, Any]) -> dict[str, Any]:
 
     return {key: parse_per_class(kwargs.pop(key), option, "M" if unit == "m" else "M2")
             for key, (option, unit) in SETTINGS.items()}
+
+
+_SIGNAL = {"code": 130}
+
+
+def note_sigterm() -> None:
+    """Remember that the interrupt was SIGTERM: the run then ends with 143 (128 + 15), not 130."""
+    _SIGNAL["code"] = 143
+
+
+def interrupt_code() -> int:
+    """The exit status of an interrupted run: 130 after Ctrl-C (SIGINT), 143 after SIGTERM."""
+    return _SIGNAL["code"]
 
 
 def echo_json(doc: Any) -> None:

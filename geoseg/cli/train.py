@@ -9,7 +9,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from geoseg.cli.options import echo_json, json_option, logger, overwrite_option, parse_bands
+from geoseg.cli.options import echo_json, interrupt_code, json_option, logger, overwrite_option, parse_bands
 from geoseg.errors import InputError
 from geoseg.models.efficientnet import ENCODER_WEIGHTS, ENCODERS
 
@@ -252,7 +252,7 @@ def train(ctx: click.Context, config_path: str | None, **opts: Any) -> None:
             click.echo(f"Error: interrupted; the last complete epoch is saved in {state}: continue with --resume", err=True)
         else:
             click.echo("Error: interrupted before the first epoch ended; nothing was written", err=True)
-        sys.exit(130)
+        sys.exit(interrupt_code())
     finally:
         if bar is not None:
             bar.close()
