@@ -21,7 +21,9 @@ import queue
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -753,17 +755,41 @@ TTA = {
 }
 
 
+_PREDICT_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _predict_fn(model) -> Callable[[np.ndarray], Any]:
+    """The model's forward pass. Under TensorFlow a ``tf.function`` traced once per tile shape:
+    Keras's own ``predict_on_batch`` relaxes the third shape it meets to unknown height and width,
+    and the bilinear ``UpSampling2D`` of the EfficientNet-Lite0 U-Net cannot be traced that way (a
+    model reused over scenes of several sizes, as batch and the tuning scripts do, failed). Other
+    backends use ``predict_on_batch``."""
+    fn = _PREDICT_FNS.get(model)
+    if fn is None:
+        import keras
+
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            fn = tf.function(lambda t: model(t, training=False), reduce_retracing=False)
+        else:
+            fn = model.predict_on_batch
+        _PREDICT_FNS[model] = fn
+    return fn
+
+
 def forward(model, x: np.ndarray, tta: str = "none") -> np.ndarray:
     """Logits (B, H, W, classes) float32 of ``model`` on ``x`` (B, H, W, bands), averaged over the
     flips and turns of ``tta`` (square tiles; each view is one more forward pass)."""
     views = TTA[tta]
+    predict_on_batch = _predict_fn(model)
     if len(views) == 1:
-        return np.asarray(model.predict_on_batch(x), dtype=np.float32)
+        return np.asarray(predict_on_batch(x), dtype=np.float32)
     total = None
     for k, flip in views:
         v = np.flip(x, axis=2) if flip else x
         v = np.rot90(v, k, axes=(1, 2))
-        out = np.asarray(model.predict_on_batch(np.ascontiguousarray(v)), dtype=np.float32)
+        out = np.asarray(predict_on_batch(np.ascontiguousarray(v)), dtype=np.float32)
         out = np.rot90(out, -k, axes=(1, 2))
         out = np.flip(out, axis=2) if flip else out
         total = out if total is None else total + out

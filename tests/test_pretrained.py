@@ -322,6 +322,22 @@ def test_the_encoder_unet_builds_with_any_band_count_and_keeps_the_pretrained_re
         build_model("unet", bands=3, classes=2, encoder="resnet50")
 
 
+def test_one_encoder_model_runs_tiles_of_many_shapes():
+    """A model reused over scenes of several sizes (batch, tuning) sees several tile shapes; Keras's
+    predict_on_batch relaxed the third to unknown height and width, which the decoder's bilinear
+    UpSampling2D could not trace under TensorFlow (OperatorNotAllowedInGraphError)."""
+    from geoseg.models import build_model
+    from geoseg.predict import forward
+
+    model = build_model("unet", bands=3, classes=2, encoder="efficientnet-lite0", mean=[127] * 3, std=[128] * 3)
+    rng = np.random.default_rng(2)
+    for side, batch in ((64, 2), (96, 2), (128, 1), (64, 1), (160, 2)):
+        x = rng.uniform(0, 255, size=(batch, side, side, 3)).astype(np.float32)
+        logits = forward(model, x)
+        assert logits.shape == (batch, side, side, 2) and logits.dtype == np.float32
+        np.testing.assert_allclose(logits, np.asarray(model(x, training=False)), atol=1e-5)
+
+
 # --- training on the encoder and the bundle ---------------------------------------------------
 
 
