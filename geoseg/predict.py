@@ -54,7 +54,7 @@ class PredictOptions:
     overlap: int | None = None
     batch_size: int = 2  # CPU: throughput flat from 1 to 8, memory +100 MiB per tile (benchmarks/batch_size.py)
     blend: str = "cosine"
-    precision: str = "auto"  # mixed_bfloat16 on CPUs with bf16 instructions, else float32 (bundle.resolve_precision)
+    precision: str = "auto"  # bfloat16 where measured faster (bf16 CPUs, plain U-Net/SegNet), else float32 (bundle.resolve_precision)
     bands: tuple[int, ...] | None = None
     assume_crs: str | None = None
     min_area_m2: float | Mapping[str, float] | None = None  # one value, or {class: m²} over the model's
@@ -763,11 +763,14 @@ def _predict_fn(model) -> Callable[[np.ndarray], Any]:
     Keras's own ``predict_on_batch`` relaxes the third shape it meets to unknown height and width,
     and the bilinear ``UpSampling2D`` of the EfficientNet-Lite0 U-Net cannot be traced that way (a
     model reused over scenes of several sizes, as batch and the tuning scripts do, failed). Other
-    backends use ``predict_on_batch``."""
+    backends, and objects that are not Keras models (or whose ``predict_on_batch`` was replaced on
+    the instance), use ``predict_on_batch``."""
+    import keras
+
+    if not isinstance(model, keras.Model) or "predict_on_batch" in vars(model):
+        return model.predict_on_batch
     fn = _PREDICT_FNS.get(model)
     if fn is None:
-        import keras
-
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
 

@@ -148,13 +148,24 @@ def test_band_selection(raster):
         open_scene(raster(data, name="b.tif"), bands=(5,))
 
 
-def test_truncated_file_fails_cleanly_mid_scene(tmp_path, raster):
+def test_truncated_file_is_refused_when_opened(tmp_path, raster):
     data = np.random.default_rng(1).integers(0, 255, (3, 256, 256)).astype("uint8")
-    path = raster(data)
-    blob = path.read_bytes()
+    blob = raster(data).read_bytes()
     cut = tmp_path / "cut.tif"
     cut.write_bytes(blob[: len(blob) * 2 // 3])
-    info = open_scene(cut)  # opens fine: the header is intact
+    with pytest.raises(InputError, match="is damaged: .* past the end of the .*truncated"):
+        open_scene(cut)
+
+
+def test_garbled_blocks_fail_cleanly_mid_scene(tmp_path, raster):
+    """Blocks that lie inside the file but do not decompress pass the header check and fail when read."""
+    data = np.random.default_rng(1).integers(0, 255, (3, 256, 256)).astype("uint8")
+    blob = bytearray(raster(data, compress="deflate").read_bytes())
+    start = len(blob) // 2
+    blob[start:start + len(blob) // 4] = bytes(len(blob) // 4)  # zeros are not a deflate stream
+    bad = tmp_path / "garbled.tif"
+    bad.write_bytes(bytes(blob))
+    info = open_scene(bad)  # opens fine: the header and the block table are intact
     with pytest.raises(InputError, match="truncated or corrupted"):
         read_all(info)
 
