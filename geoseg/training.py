@@ -1020,23 +1020,40 @@ def _build(cfg: TrainConfig, bands: int, classes: int, mean: Sequence[float], st
         keras.config.set_dtype_policy(previous)
 
 
+def _init_meta(init_from: str):
+    """The metadata of the ``--init-from`` bundle; InputError when there is no such model."""
+    from geoseg.errors import BundleError
+    from geoseg.models import read_meta, resolve_model
+
+    try:
+        path = resolve_model(init_from)
+    except BundleError:
+        raise InputError(f"--init-from {init_from}: no such model file nor built-in model; give a .keras bundle "
+                         f"written by geoseg train or a name that `geoseg models` lists") from None
+    return path, read_meta(path)
+
+
+def architecture_of(init_from: str) -> dict[str, Any]:
+    """The training options that rebuild the ``--init-from`` bundle's network: ``arch`` and
+    ``encoder``, and ``width`` and ``depth`` for geoseg's own encoder. The CLI fills in those a
+    fine-tuning run leaves unset, so ``--init-from buildings`` needs no architecture options."""
+    _, meta = _init_meta(init_from)
+    encoder = meta.arch_config.get("encoder", "none")
+    found: dict[str, Any] = {"arch": meta.architecture, "encoder": encoder}
+    if encoder == "none":
+        found.update(width=meta.arch_config.get("width"), depth=meta.arch_config.get("depth"))
+    return {k: v for k, v in found.items() if v is not None}
+
+
 def _starting_bundle(cfg: TrainConfig, class_names: Sequence[str]):
     """The metadata of ``cfg.init_from`` (None without it), checked against the run's architecture
     and classes before any data is read. InputError says what differs and how to match it."""
     if not cfg.init_from:
         return None
-    from geoseg.errors import BundleError
-    from geoseg.models import read_meta, resolve_model
-
-    try:
-        path = resolve_model(cfg.init_from)
-    except BundleError:
-        raise InputError(f"--init-from {cfg.init_from}: no such model file nor built-in model; give a .keras bundle "
-                         f"written by geoseg train or a name that `geoseg models` lists") from None
-    meta = read_meta(path)
+    path, meta = _init_meta(cfg.init_from)
     wanted = {"arch": cfg.arch, "encoder": cfg.encoder}
     has = {"arch": meta.architecture, "encoder": meta.arch_config.get("encoder", "none")}
-    if cfg.encoder == "none":
+    if cfg.encoder == "none" and has["encoder"] == "none":
         wanted.update(width=cfg.width, depth=cfg.depth)
         has.update(width=meta.arch_config.get("width"), depth=meta.arch_config.get("depth"))
     differ = [f"--{k} {has[k]} (not {wanted[k]})" for k in wanted if has[k] != wanted[k]]

@@ -316,6 +316,8 @@ def test_init_from_fine_tunes_a_bundle_from_its_weights_and_normalisation(traine
                           "--classes background,building (not background,road)")
     assert_one_line_error(invoke(*common, tmp_path / "nothing.keras"), "--init-from", "no such model")
     assert_one_line_error(invoke(*common, start, "--width", 8, "--depth", 2, "--bands", "1,2"), "3 band(s)", "--bands")
+    # without --width/--depth the starting model's are taken: the run gets as far as the bands check
+    assert_one_line_error(invoke(*common, start, "--bands", "1,2"), "3 band(s)", "--bands")
     assert not out.exists()
 
 
@@ -326,10 +328,18 @@ def test_init_from_takes_a_built_in_name_in_a_config_and_on_the_command_line(tmp
     (tmp_path / "b.toml").write_text('init_from = "models/b.keras"\n')
     assert read_config(tmp_path / "a.toml")["init_from"] == "buildings"  # a name, not a path beside the config
     assert read_config(tmp_path / "b.toml")["init_from"] == str(tmp_path / "models" / "b.keras")
-    cfg = TrainConfig(images=["a.tif"], labels=["a.gpkg"], init_from="buildings")
+    from geoseg.training import architecture_of
+
+    arch = architecture_of("buildings")  # what the CLI fills in when only --init-from is given
+    assert arch == {"arch": "unet", "encoder": "efficientnet-lite0"}
+    cfg = TrainConfig(images=["a.tif"], labels=["a.gpkg"], init_from="buildings", **arch)
     assert _starting_bundle(cfg, ["background", "building"]).name == "buildings"
     with pytest.raises(InputError, match="--classes background,building"):
         _starting_bundle(cfg, ["background", "building", "road"])
+    # a network given explicitly that differs is named, without geoseg's own encoder's options
+    with pytest.raises(InputError, match=r"needs --encoder efficientnet-lite0 \(not none\)$"):
+        _starting_bundle(TrainConfig(images=["a.tif"], labels=["a.gpkg"], init_from="buildings"),
+                         ["background", "building"])
 
 
 # --- splitting by area ---------------------------------------------------------------------------

@@ -220,6 +220,12 @@ def train(ctx: click.Context, config_path: str | None, **opts: Any) -> None:
                    if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None) or k in config}
         cfg = dataclasses.replace(cfg, **changes)
     else:
+        if values.get("init_from"):  # fine-tuning: the starting model's network unless told otherwise
+            from geoseg.training import architecture_of
+
+            for key, value in architecture_of(values["init_from"]).items():
+                if ctx.get_parameter_source(key) in (ParameterSource.DEFAULT, None) and key not in config:
+                    values[key] = value
         cfg = TrainConfig(**values, augment=augment)
 
     quiet = bool(ctx.obj.get("quiet"))
