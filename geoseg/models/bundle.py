@@ -523,17 +523,20 @@ def cpu_has_bf16(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> bool:
     return False
 
 
-def resolve_precision(precision: str) -> str:
-    """The precision ``precision`` stands for on this machine: ``auto`` is ``mixed_bfloat16`` where
-    TensorFlow runs on a CPU with bfloat16 instructions and no GPU (1.3-1.6x the float32 throughput
-    of the default model, the same held-back IoU: docs/performance.md), ``float32`` anywhere else
-    (GPUs, the JAX and PyTorch backends, CPUs that would emulate bfloat16 slowly). Other values are
+def resolve_precision(precision: str, encoder: str = "none") -> str:
+    """The precision ``precision`` stands for on this machine and model: ``auto`` is
+    ``mixed_bfloat16`` only where it was measured faster than float32 (docs/performance.md): under
+    TensorFlow with no GPU, on a CPU with bfloat16 instructions, for the plain U-Net and SegNet
+    (``encoder="none"``; 1.3-1.6x the float32 throughput on an AMX CPU, the same held-back IoU).
+    Models on the depthwise EfficientNet-Lite0 encoder ran slower in bfloat16 than in float32 on a
+    CPU with ``avx512_bf16`` but no AMX, so ``auto`` keeps them in float32 on every CPU, as it does
+    GPUs, the JAX and PyTorch backends and CPUs that would emulate bfloat16. Other values are
     returned as they are."""
     if precision != "auto":
         return precision
     import keras
 
-    if keras.backend.backend() != "tensorflow" or not cpu_has_bf16():
+    if encoder != "none" or keras.backend.backend() != "tensorflow" or not cpu_has_bf16():
         return "float32"
     import tensorflow as tf
 
@@ -585,7 +588,7 @@ def load_bundle(path: str | os.PathLike[str], *, precision: str = "float32") -> 
             f"metadata names {len(meta.bands)} bands and {len(meta.classes)} classes; re-save it "
             "with geoseg.models.save_bundle"
         )
-    precision = resolve_precision(precision)
+    precision = resolve_precision(precision, meta.arch_config.get("encoder", "none"))
     model = _with_precision(model, precision)
     return Bundle(path=path, meta=meta, sha256=sha256, model=model, precision=precision)
 
