@@ -123,3 +123,26 @@ def test_vector_layers_render_in_their_colours(tmp_path):
     seen = np.array([[int(h[1:3], 16), int(h[3:5], 16), int(h[5:7], 16)] for h in doc["render"]["colors"]])
     for i in (1, 2):
         assert np.abs(seen - over_white(COLORS[i])).max(axis=1).min() <= 3, i
+
+
+@pytest.mark.slow
+def test_the_gallery_script_renders_the_readme_picture_from_its_own_command(tmp_path):
+    """docs/gallery.py runs the README's first command and renders its GeoPackage over the scene in
+    QGIS: the picture has the scene's gray pixels and the building style's red where it found houses."""
+    import sys
+
+    from PIL import Image
+
+    python = qgis_python()
+    proc = subprocess.run([sys.executable, str(REPO / "docs" / "gallery.py"), "--only", "atlanta", "--size", "300",
+                           "--images", str(tmp_path / "images"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "GEOSEG_QGIS_PYTHON": python, "QT_QPA_PLATFORM": "offscreen"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "geoseg predict sample_data/atlanta_sn4_pan.tif -o buildings.gpkg" in proc.stdout
+    picture = np.asarray(Image.open(tmp_path / "images" / "qgis-atlanta-buildings.png").convert("RGB")).astype(int)
+    assert picture.shape[1] == 300
+    r, g, b = picture[..., 0], picture[..., 1], picture[..., 2]
+    gray = (abs(r - g) < 8) & (abs(g - b) < 8)
+    red = (r > g + 60) & (r > b + 40)
+    assert gray.mean() > 0.8 and 0 < red.mean() < 0.1  # the scene shows through; a few houses are marked
