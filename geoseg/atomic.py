@@ -199,8 +199,8 @@ class Staging:
         folder = Path(near).parent
         self._clean(folder)
         path = folder / f".geoseg.{self._tag}.d"
+        self._scratch.append(path)  # listed before it exists: an interrupt between the two leaves nothing
         path.mkdir()
-        self._scratch.append(path)
         return path
 
     def commit(self) -> None:
