@@ -100,6 +100,25 @@ def resolve_thresholds(given: float | Mapping[str, float] | None, defaults: Mapp
     return values
 
 
+def decide_two(acc: np.ndarray, inv: np.ndarray, covered: np.ndarray,
+               bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Class and score of a two-class weighted logit sum ``acc`` (..., 2) times ``inv`` (the
+    reciprocal weight sum), without the full softmax: the class is 1 where ``z1 - z0`` beats the
+    bias difference (ties go to class 0, as with ``argmax_classes``), and the score is
+    ``sigmoid(±(z1 - z0))``, the softmax probability of the class taken; 0 where not ``covered``."""
+    d = acc[..., 1] - acc[..., 0]
+    d *= inv
+    cut = 0.0 if bias is None else float(bias[0] - bias[1])
+    ones = d > cut
+    classes = ones.view(np.uint8).copy()
+    np.negative(d, out=d, where=ones)  # -|d| for the class taken: score = 1 / (1 + exp(-(±d)))
+    np.exp(d, out=d)
+    d += 1
+    np.reciprocal(d, out=d)
+    d[~covered] = 0
+    return classes, d
+
+
 def softmax_classes(z: np.ndarray, zmax: np.ndarray) -> np.ndarray:
     """Softmax over the last axis of ``z`` (modified in place), given its maximum ``zmax``."""
     z -= zmax[..., None]
@@ -118,8 +137,9 @@ class Strip:
     row_off: int
     col_off: int
     classes: np.ndarray  # (rows, cols) uint8, nodata where invalid
-    probs: np.ndarray  # (rows, width, classes) float32, 0 where invalid
+    probs: np.ndarray | None  # (rows, width, classes) float32, 0 where invalid; None unless asked for
     valid: np.ndarray  # (rows, width) bool
+    score: np.ndarray | None = None  # (rows, width) float32: probability of the class taken, 0 where invalid
 
     @property
     def rows(self) -> int:
@@ -148,12 +168,14 @@ class StripAccumulator:
         flush_rows: int = 64,
         col_off: int = 0,
         bias: np.ndarray | None = None,
+        probs: bool = True,
     ) -> None:
         if classes > 255 or nodata < classes:
             raise InputError(f"{classes} classes do not fit a uint8 class raster with nodata {nodata}")
         self.height, self.width, self.classes = height, width, classes
         self.col_off = col_off
         self.bias = bias  # decision_bias(): per-class logit offsets for the class taken, or None
+        self.probs = probs  # strips carry every class's probability (else only the score of the class taken)
         self.rows = min(tile_size, height)
         self.window = window
         self.sink = sink
@@ -188,6 +210,19 @@ class StripAccumulator:
         self.wsum[rows, cols] += win
         self.valid[rows, cols] |= valid[tr, tc]
 
+    def _decide(self, z: np.ndarray, covered: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Classes, probabilities (None unless ``self.probs``) and score of normalised logits ``z``."""
+        classes, zmax = argmax_classes(z)
+        if self.bias is not None:
+            classes = argmax_classes(z + self.bias)[0]
+        probs = softmax_classes(z, zmax)
+        score = np.take_along_axis(probs, classes[..., None], -1)[..., 0]
+        score[~covered] = 0
+        if not self.probs:
+            return classes, None, score
+        probs[~covered] = 0
+        return classes, probs, score
+
     def finish(self) -> None:
         """Flush every remaining row."""
         self._flush(self.height)
@@ -200,15 +235,15 @@ class StripAccumulator:
                 s1 = min(n, s0 + self.flush_rows)
                 acc, wsum, valid = self.acc[s0:s1], self.wsum[s0:s1], self.valid[s0:s1]
                 covered = valid & (wsum > 0)
-                z = acc / np.where(wsum > 0, wsum, 1)[..., None]
-                classes, zmax = argmax_classes(z)  # the weight sum does not change the argmax
-                if self.bias is not None:
-                    classes = argmax_classes(z + self.bias)[0]
-                probs = softmax_classes(z, zmax)
+                inv = np.reciprocal(np.where(covered, wsum, 1))
+                if self.probs or self.classes != 2:
+                    classes, probs, score = self._decide(acc * inv[..., None], covered)
+                else:
+                    classes, score = decide_two(acc, inv, covered, self.bias)
+                    probs = None
                 classes[~covered] = self.nodata
-                probs[~covered] = 0
                 self.sink(Strip(row_off=self.top + s0, col_off=self.col_off, classes=classes, probs=probs,
-                                valid=covered))
+                                valid=covered, score=score))
             keep = self.rows - n  # one shift per flush, not one per slice
             for buf in (self.acc, self.wsum, self.valid):
                 buf[:keep] = buf[n:]  # numpy copies through a buffer when the two overlap

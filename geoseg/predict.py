@@ -218,14 +218,14 @@ def iter_batches(
     size = tiles.size
     nb = len(info.bands) * repeat
     c_min, c_max = tiles.col_span()  # read only the columns these tiles need
-    pending: list[tuple[Tile, np.ndarray, np.ndarray]] = []
+    pending: list[tuple[Tile, np.ndarray]] = []
+    x = np.zeros((batch_size, size, size, nb), dtype=np.float32)  # the batch being filled, tile by tile
 
     def emit() -> Batch:
-        x = np.zeros((batch_size, size, size, nb), dtype=np.float32)
-        for i, (_, data, _) in enumerate(pending):
-            x[i] = data
-        b = Batch(tiles=[t for t, _, _ in pending], x=x, valid=np.stack([v for _, _, v in pending]))
+        nonlocal x
+        b = Batch(tiles=[t for t, _ in pending], x=x, valid=np.stack([v for _, v in pending]))
         pending.clear()
+        x = np.zeros_like(b.x)
         return b
 
     with SceneReader(info) as reader:
@@ -243,13 +243,17 @@ def iter_batches(
                     if first_col is None or t.col >= first_col:  # counted by the chunk it starts in
                         skipped.tiles += 1
                     continue
-                x = data[:, c : c + size].astype(np.float32)
-                if stretch is not None:
-                    x = x * np.float32(stretch[0]) + np.float32(stretch[1])
+                slot = x[len(pending)]  # converted to float32 straight into the batch
                 if repeat > 1:
-                    x = np.repeat(x, repeat, axis=-1)
-                x[~v] = fill  # invalid pixels become the band means: 0 after normalisation
-                pending.append((t, x, out))  # pixels outside a crop's area are context, not output
+                    slot[:] = np.repeat(data[:, c : c + size], repeat, axis=-1)
+                else:
+                    slot[:] = data[:, c : c + size]
+                if stretch is not None:
+                    slot *= np.float32(stretch[0])
+                    slot += np.float32(stretch[1])
+                if not v.all():
+                    slot[~v] = fill  # invalid pixels become the band means: 0 after normalisation
+                pending.append((t, out))  # pixels outside a crop's area are context, not output
                 if len(pending) == batch_size:
                     yield emit()
         if pending:
@@ -364,6 +368,16 @@ class Behind:
             raise self._error
 
 
+def quantize_score(score: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """The uint16 score raster's values: probability x SCORE_SCALE, rounded, at least 1 where valid, 0 elsewhere."""
+    q = np.multiply(score, SCORE_SCALE, dtype=np.float32)
+    np.rint(q, out=q)
+    np.clip(q, 1, SCORE_SCALE, out=q)
+    out = q.astype(np.uint16)
+    out[~valid] = 0
+    return out
+
+
 class RasterSinks:
     """Writes finished strips: class ids, per-pixel score, and (optionally) class probabilities."""
 
@@ -387,8 +401,7 @@ class RasterSinks:
             self._writers.append(TiledTiffWriter(self.probs_path, count=classes, dtype="float32", **common))
 
     def __call__(self, strip: Strip) -> None:
-        win = np.take_along_axis(strip.probs, np.minimum(strip.classes, strip.probs.shape[-1] - 1)[..., None], -1)[..., 0]
-        score = np.where(strip.valid, np.clip(np.rint(win * SCORE_SCALE), 1, SCORE_SCALE), 0).astype(np.uint16)
+        score = quantize_score(strip.score, strip.valid)
         probs = np.moveaxis(strip.probs, -1, 0) if self.probs_path else None
         self.write(strip.row_off, strip.col_off, strip.classes, score, probs, strip.valid)
         if self.on_rows is not None:
@@ -402,7 +415,8 @@ class RasterSinks:
         self._writers[1].write(score, **at)
         if self.probs_path:
             self._writers[2].write(probs, **at)
-        self.counts += np.bincount(classes[valid].ravel(), minlength=len(self.counts))[: len(self.counts)]
+        # invalid pixels hold CLASS_NODATA (255), past every class: one bincount without a mask
+        self.counts += np.bincount(classes.ravel(), minlength=256)[: len(self.counts)]
 
     def close(self, *, complete: bool = True) -> None:
         """Close the rasters; ``complete=False`` when the run failed: no check, no warning."""
@@ -520,6 +534,7 @@ def run_model(
     sink: Callable[[Strip], None],
     progress: Progress | None = None,
     timings: dict[str, float] | None = None,
+    probs: bool = True,
 ) -> dict[str, int]:
     """Segment the whole scene, handing finished strips to ``sink``; returns tile counts.
 
@@ -527,6 +542,9 @@ def run_model(
     memory is bounded by one tile of rows of one chunk whatever the scene's size. A chunk runs every
     tile that touches it; tiles on a chunk edge are run by both neighbours (a few percent more model
     work), which keeps the blend exactly what it would be for the whole scene at once.
+    ``probs``: the strips carry every class's probability (``Strip.probs``, for a probability
+    raster); without it a two-class model's strips get only the class and its score, which skips
+    the softmax (``blend.decide_two``).
     """
     meta = bundle.meta
     repeat = match_bands(info, meta.bands)
@@ -546,7 +564,7 @@ def run_model(
     for (a, b), chunk_tiles in zip(chunks, per_chunk):
         acc = StripAccumulator(
             height=info.height, width=b - a, col_off=a, classes=len(meta.classes), tile_size=tile_size,
-            window=window, sink=sink, nodata=CLASS_NODATA, bias=bias,
+            window=window, sink=sink, nodata=CLASS_NODATA, bias=bias, probs=probs,
         )
         runs_before = skipped.runs
         gen = iter_batches(info, chunk_tiles, batch_size=options.batch_size, fill=fill, repeat=repeat,
@@ -781,6 +799,20 @@ def _predict_fn(model) -> Callable[[np.ndarray], Any]:
     return fn
 
 
+def warm_up(bundle, info: SceneInfo, options: PredictOptions) -> None:
+    """Trace the model's ``tf.function`` (:func:`_predict_fn`) for every batch shape ``segment`` will
+    feed it on ``info``, so that the one-time graph trace (about 1 s for the default model) is part of
+    setting the model up, not of its first batch. Nothing for models that run through
+    ``predict_on_batch`` (other backends, stand-ins)."""
+    model = bundle.model
+    fn = _predict_fn(model)
+    if fn == getattr(model, "predict_on_batch", None):
+        return
+    shapes = {tiling_for(grid, bundle.meta, options)[0] for _, grid in grids_for(info, bundle.meta, options, quiet=True)}
+    for size in sorted(shapes):
+        fn(np.zeros((options.batch_size, size, size, len(bundle.meta.bands)), np.float32))
+
+
 def forward(model, x: np.ndarray, tta: str = "none") -> np.ndarray:
     """Logits (B, H, W, classes) float32 of ``model`` on ``x`` (B, H, W, bands), averaged over the
     flips and turns of ``tta`` (square tiles; each view is one more forward pass)."""
@@ -954,7 +986,7 @@ def segment(
     sinks = RasterSinks(info, classes=len(meta.classes), scratch=Path(out_dir), probs=probs, on_rows=on_rows)
     try:
         tiles = run_model(info, bundle, tile_size=tile_size, overlap=overlap, options=options,
-                          sink=sinks, progress=progress, timings=timings)
+                          sink=sinks, progress=progress, timings=timings, probs=probs)
     finally:
         sinks.close(complete=sys.exc_info()[0] is None)  # failed or interrupted: no noise about scratch
     if tiles["skipped"] == tiles["total"]:
@@ -1031,6 +1063,9 @@ def predict(
             bundle = load_model_for(model, options)
         timings["load"] = round(time.perf_counter() - t_start, 3)
         scene_hash = _Background(_sha256_or_blank, info.path)  # the scene's checksum, read while the model runs
+        t0 = time.perf_counter()
+        warm_up(bundle, info, options)
+        timings["trace"] = round(time.perf_counter() - t0, 3)
         with Staging(overwrite=overwrite) as staging:
             gpkg_tmp = staging.output(output)
             raster_tmp = staging.output(raster_out) if raster_out else None
