@@ -76,7 +76,7 @@ def main() -> None:
     from geoseg.evaluate import evaluate
     from geoseg.models.bundle import load_bundle
     from geoseg.predict import PredictOptions
-    from geoseg.scales import parse_scales
+    from geoseg.zooms import parse_scales
 
     bundle = load_bundle(args.model, precision=args.precision)
     names = list(bundle.meta.class_names)

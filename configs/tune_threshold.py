@@ -84,7 +84,7 @@ def main() -> int:
     args = parser.parse_args()
     from geoseg.models.bundle import load_bundle, resolve_model, save_bundle
     from geoseg.predict import PredictOptions
-    from geoseg.scales import parse_scales
+    from geoseg.zooms import parse_scales
 
     options = PredictOptions(precision=args.precision, scales=parse_scales(args.scales), scale_merge=args.scale_merge)
 

@@ -23,11 +23,10 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import rasterio
 
 from geoseg.errors import InputError
-from geoseg.scene import SceneInfo, crop, window_of
+from geoseg.scene import SceneInfo, crop, pixels_inside, window_of
 
 log = logging.getLogger(__name__)
 
@@ -99,26 +98,6 @@ def restrict(info: SceneInfo, path: str | os.PathLike, *, margin_m: float = 0.0)
 def _covers_a_pixel(info: SceneInfo, block: int = 2048) -> bool:
     for r in range(0, info.height, block):
         for c in range(0, info.width, block):
-            if mask(info.aoi, info.transform, r, min(r + block, info.height), c, min(c + block, info.width)).any():
+            if pixels_inside(info.aoi, info.transform, r, min(r + block, info.height), c, min(c + block, info.width)).any():
                 return True
     return False
-
-
-def mask(area, transform: rasterio.Affine, row0: int, row1: int, col0: int, col1: int) -> np.ndarray:
-    """Whether each pixel of the window rows ``row0:row1``, columns ``col0:col1`` of the grid
-    ``transform`` has its centre inside ``area`` (shapely polygons in the grid's CRS)."""
-    import shapely
-    from rasterio.features import rasterize
-
-    shapely.prepare(area)  # once per geometry (a no-op afterwards): speeds up the tests below, window after window
-    h, w = row1 - row0, col1 - col0
-    at = transform * rasterio.Affine.translation(col0, row0)
-    left, top = at * (0, 0)
-    right, bottom = at * (w, h)
-    box = shapely.box(min(left, right), min(top, bottom), max(left, right), max(top, bottom))
-    if shapely.contains(area, box):
-        return np.ones((h, w), dtype=bool)
-    part = shapely.clip_by_rect(area, *box.bounds)
-    if part.is_empty:
-        return np.zeros((h, w), dtype=bool)
-    return rasterize([(part, 1)], out_shape=(h, w), transform=at, fill=0, dtype="uint8").astype(bool)

@@ -224,7 +224,7 @@ def predict_options(table: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     """PredictOptions and the predict() keywords (regularize) from a manifest's ``[predict]`` table."""
     from geoseg.cleanup import parse_per_class
     from geoseg.predict import PredictOptions, check_options, parse_min_area
-    from geoseg.scales import parse_scales
+    from geoseg.zooms import parse_scales
 
     fields = {f.name for f in dataclasses.fields(PredictOptions)}
     kw = dict(table)

@@ -61,11 +61,12 @@ import shapely
 from pyproj import CRS
 
 from geoseg.errors import InputError
+from geoseg.measure import line_length_m, needs_ellipsoid, pixels_to_world
 
 if TYPE_CHECKING:
     import geopandas as gpd
 
-__all__ = ["CentrelineOptions", "Centrelines", "centrelines", "centrelines_from_raster", "line_length_m",
+__all__ = ["CentrelineOptions", "Centrelines", "centrelines", "centrelines_from_raster",
            "road_class", "write_centreline_layer", "RoadMetrics", "road_metrics"]
 
 log = logging.getLogger(__name__)
@@ -629,8 +630,6 @@ def _frame(lines: np.ndarray, transform, crs: CRS, class_name: str) -> gpd.GeoDa
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    from geoseg.polygons import _to_world
-
     lines = np.asarray(lines, dtype=object)
     lines = lines[~shapely.is_empty(lines)] if len(lines) else lines
     n = len(lines)
@@ -643,7 +642,7 @@ def _frame(lines: np.ndarray, transform, crs: CRS, class_name: str) -> gpd.GeoDa
     else:
         start = end = network = np.zeros(0, np.int64)
         degree = np.zeros(0, np.int64)
-    world = _to_world(lines, transform) if n else lines
+    world = pixels_to_world(lines, transform) if n else lines
     return gpd.GeoDataFrame(
         {
             "class_name": np.full(n, class_name, dtype=object),
@@ -657,27 +656,6 @@ def _frame(lines: np.ndarray, transform, crs: CRS, class_name: str) -> gpd.GeoDa
         geometry=gpd.GeoSeries(world, crs=crs),
         crs=crs,
     )
-
-
-def line_length_m(geoms, crs) -> np.ndarray:
-    """True length in metres of each (multi)line, for any CRS: planar length times the unit for
-    projected CRSs, geodesic length on the ellipsoid for geographic and Mercator-like ones."""
-    from geoseg.polygons import _as_array, _as_crs, _needs_ellipsoid, _to_lonlat, _unit_m
-
-    geoms = _as_array(geoms)
-    crs = _as_crs(crs)
-    if geoms.size == 0:
-        return np.zeros(0, np.float64)
-    if not _needs_ellipsoid(crs):
-        return shapely.length(geoms) * _unit_m(crs)
-    lonlat = _to_lonlat(geoms, crs)
-    parts, owner = shapely.get_parts(lonlat, return_index=True)
-    xy, part_of = shapely.get_coordinates(parts, return_index=True)
-    same = part_of[1:] == part_of[:-1]
-    a, b = xy[:-1][same], xy[1:][same]
-    _, _, dist = crs.get_geod().inv(a[:, 0], a[:, 1], b[:, 0], b[:, 1])
-    per_part = np.bincount(part_of[:-1][same], weights=dist, minlength=len(parts))
-    return np.bincount(owner, weights=per_part, minlength=len(geoms))
 
 
 # --------------------------------------------------------------------------------------------
@@ -770,10 +748,8 @@ def _metric_crs(pred, ref) -> CRS:
     """The prediction's CRS when it is projected with metre-like units, else the UTM zone of the data."""
     import pandas as pd
 
-    from geoseg.polygons import _needs_ellipsoid
-
     crs = CRS.from_user_input(pred.crs)
-    if crs.is_projected and not _needs_ellipsoid(crs):
+    if crs.is_projected and not needs_ellipsoid(crs):
         return crs
     both = pd.concat([pred, ref]) if len(pred) else ref
     return CRS.from_user_input(both.estimate_utm_crs())

@@ -514,10 +514,10 @@ def change(
     ``compare`` and ``polygonize`` (rows of the common grid).
     """
     from geoseg import outputs, polygons
-    from geoseg.models.bundle import read_meta, resolve_model
-    from geoseg.predict import (_Background, _release_keras, _sha256_or_blank, check_options, load_model_for, segment,
-                                scales_for, thresholds)
-    from geoseg.scales import zoom_text
+    from geoseg.models.bundle import read_meta, release_keras, resolve_model, sha256_or_blank
+    from geoseg.predict import check_options, load_model_for, segment, scales_for, thresholds
+    from geoseg.threads import Background
+    from geoseg.zooms import zoom_text
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -573,7 +573,7 @@ def change(
                        overwrite=overwrite):
         log.info("comparing on %s, %d x %d pixels of %.3g x %.3g m; tolerance %.3g m, margin %g, min area %.3g m²",
                  grid.crs.to_string(), grid.width, grid.height, *grid.pixel_m, tolerance, options.margin, min_area)
-        hashes = {d.role: _Background(_sha256_or_blank, d.path) for d in dates}
+        hashes = {d.role: Background(sha256_or_blank, d.path) for d in dates}
 
         with Staging(overwrite=overwrite) as staging:
             gpkg_tmp = staging.output(output)
@@ -616,7 +616,7 @@ def change(
                               **({"scale_merge": scales_for(predict_options, meta)[1]} if multi else {})}
                 if own_model:  # the rest does not need the model: give its memory back
                     bundle = None
-                    _release_keras()
+                    release_keras()
             else:
                 model_info = None
             b, a = dates
@@ -790,9 +790,9 @@ def _compare_dates(b: DateInput, a: DateInput, grid: Grid, code_path: Path, conf
                 valid = vb & va
                 inside = None
                 if area is not None:
-                    from geoseg.aoi import mask
+                    from geoseg.scene import pixels_inside
 
-                    inside = mask(area, grid.transform, h0, h1, 0, grid.width)
+                    inside = pixels_inside(area, grid.transform, h0, h1, 0, grid.width)
                 out = compare(cb, ca, valid, pb, pa, n_classes=n, margin=margin, tolerance_m=tolerance_m,
                               pixel_m=grid.pixel_m, core=slice(r0 - h0, r1 - h0), area=inside)
                 writers[0].write(out.codes, row_off=r0)

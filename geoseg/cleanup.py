@@ -40,6 +40,7 @@ import numpy as np
 import shapely
 
 from geoseg.errors import InputError
+from geoseg.regions import label_regions
 
 __all__ = ["Cleanup", "RasterCleanup", "SIEVE_ROUNDS", "clean_array", "clean_strips", "halo_rows",
            "parse_per_class", "per_class", "simplify_coverage"]
@@ -147,10 +148,8 @@ def _sieve_round(cls: np.ndarray, valid: np.ndarray, sieve_px: np.ndarray) -> tu
     """One round: every small region with a large neighbour takes its class. Returns the new classes
     and whether a small region with only small neighbours is left (only those can change in another
     round: large regions keep their pixels, and merged ones only grow)."""
-    from geoseg.polygons import _label_regions
-
     k = len(sieve_px)
-    labels, region_class = _label_regions(cls, valid)
+    labels, region_class = label_regions(cls, valid)
     n = len(region_class)
     if not n:
         return cls, False

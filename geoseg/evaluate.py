@@ -743,7 +743,7 @@ def evaluate(
     """
     from geoseg.models.bundle import load_bundle, read_meta, resolve_model
     from geoseg.predict import check_options, min_areas, segment, thresholds
-    from geoseg.scales import zoom_text
+    from geoseg.zooms import zoom_text
     from geoseg.scene import open_scene
 
     t_start = time.perf_counter()

@@ -642,7 +642,7 @@ def write_polygon_stream(
     """
     import geopandas as gpd
 
-    from geoseg.polygons import _frame
+    from geoseg.polygons import polygon_frame
 
     columns = columns or {}
     empty = {name: gpd.GeoDataFrame({"class_name": np.zeros(0, object),
@@ -658,7 +658,7 @@ def write_polygon_stream(
         if not got:
             return
         name = class_names[cid]
-        frame = _frame(name, cid, *(np.concatenate([getattr(b, f) for b in got])
+        frame = polygon_frame(name, cid, *(np.concatenate([getattr(b, f) for b in got])
                                     for f in ("geoms", "areas", "perimeters", "scores")), crs)
         for key in got[0].extra:
             if all(key in b.extra for b in got):

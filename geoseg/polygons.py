@@ -17,7 +17,6 @@ the raster; polygons leave as soon as they are finished, so a writer can stream 
 from __future__ import annotations
 
 import gc
-import math
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -27,25 +26,24 @@ import numpy as np
 import rasterio
 import rasterio.features
 import shapely
-from pyproj import CRS, Transformer
-from pyproj.crs import ProjectedCRS
-from pyproj.crs.coordinate_operation import LambertCylindricalEqualAreaConversion
+from pyproj import CRS
 from rasterio.windows import Window
 
 from geoseg import memory
 from geoseg.cleanup import Cleanup, clean_strips, simplify_coverage
 from geoseg.errors import InputError
+from geoseg.measure import area_m2, perimeter_m, pixels_to_world
+from geoseg.regions import label_regions
 
 if TYPE_CHECKING:
     import geopandas as gpd
 
-__all__ = ["polygonize", "iter_polygons", "iter_polygons_of", "RasterRows", "PolygonBatch", "area_m2", "perimeter_m"]
+__all__ = ["polygonize", "iter_polygons", "iter_polygons_of", "RasterRows", "PolygonBatch", "polygon_frame"]
 
 COLUMNS = ("class_name", "class_id", "area_m2", "perimeter_m", "score", "geometry")
 
 _BUILD_CHUNK = 50_000  # features turned into shapely geometries at a time
 _STRIP_PIXELS = 4_000_000  # pixels per strip (class ids int64, labels int32, scores: ~100 MB)
-_DENSIFY_DEGREES = 0.01  # longest edge kept straight when projecting to an equal-area CRS
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,7 +96,7 @@ def polygonize(
         got = parts.get(cid, [])
         joined = [np.concatenate([getattr(b, f) for b in got]) if got else np.zeros(0, dtype=object if f == "geoms" else float)
                   for f in ("geoms", "areas", "perimeters", "scores")]
-        out[class_names[cid]] = _frame(class_names[cid], cid, *joined, crs)
+        out[class_names[cid]] = polygon_frame(class_names[cid], cid, *joined, crs)
     return out
 
 
@@ -283,7 +281,7 @@ def iter_polygons_of(
             )
         wanted = valid & kept[np.clip(cls, 0, len(class_names) - 1)]
         # Simplifying needs every class's pieces (they form the coverage); else only kept ones.
-        labels, region_class = _label_regions(cls, valid if clean.simplifies else wanted)
+        labels, region_class = label_regions(cls, valid if clean.simplifies else wanted)
         n = len(region_class)
         base = state.add(region_class)  # global id = base + local id (local ids from 1)
         geoms, local = _trace(labels, row0)
@@ -315,28 +313,8 @@ def iter_polygons_of(
             progress(h)
         del labels, geoms, local, wanted, valid, top, bottom
         for cid, gs, ss, cs in state.finish(open_ids):
-            yield from _batch(cid, _to_world(gs, transform), ss, cs, crs, limit, score_scale, scored)
+            yield from _batch(cid, pixels_to_world(gs, transform), ss, cs, crs, limit, score_scale, scored)
         memory.release()  # the strip's temporaries are gone: give their pages back (geoseg.memory)
-
-
-def _label_regions(cls: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(labels int32, class of each label) for the 4-connected one-class regions of a strip."""
-    from scipy import ndimage
-
-    labels = np.zeros(cls.shape, np.int32)
-    classes = []
-    four = ndimage.generate_binary_structure(2, 1)
-    offset = 0
-    for c in np.unique(cls[valid]).tolist():
-        lab, n = ndimage.label(valid & (cls == c), structure=four, output=np.int32)
-        if n:
-            inside = lab > 0  # the regions of one class never overlap another's: add in place
-            lab[inside] += offset
-            labels += lab
-            del inside
-            classes.append(np.full(n, c, np.int64))
-            offset += n
-    return labels, (np.concatenate(classes) if classes else np.zeros(0, np.int64))
 
 
 def _trace(labels: np.ndarray, row0: int) -> tuple[np.ndarray, np.ndarray]:
@@ -427,16 +405,6 @@ class _Regions:
             yield c, out_geoms[sel], self.sums[out_ids[sel]], self.counts[out_ids[sel]]
 
 
-def _to_world(geoms: np.ndarray, transform) -> np.ndarray:
-    """Pixel (col, row) coordinates -> the raster's CRS, with the geotransform's own formula."""
-    a, b, c, d, e, f = tuple(transform)[:6]
-
-    def apply(xy: np.ndarray) -> np.ndarray:
-        return np.column_stack([c + a * xy[:, 0] + b * xy[:, 1], f + d * xy[:, 0] + e * xy[:, 1]])
-
-    return shapely.transform(geoms, apply) if len(geoms) else geoms
-
-
 def _dissolve(pieces: list) -> object:
     """One polygon from the pieces of a region cut by strip lines: their union, without the
     vertices the cuts left on straight edges (the whole-raster polygon has none there)."""
@@ -461,7 +429,8 @@ def _batch(cid, geoms, sums, counts, crs, limit, score_scale, scored) -> Iterato
     yield PolygonBatch(cid, geoms, areas, perimeter_m(geoms, crs), scores, crs)
 
 
-def _frame(name, cid, geoms, areas, perimeters, scores, crs) -> gpd.GeoDataFrame:
+def polygon_frame(name, cid, geoms, areas, perimeters, scores, crs) -> gpd.GeoDataFrame:
+    """A GeoDataFrame of one class's polygons with geoseg's columns (``COLUMNS``)."""
     import geopandas as gpd
 
     n = len(geoms)
@@ -575,110 +544,3 @@ def _pixel_area_m2(transform, crs, width: int, height: int) -> float:
     col, row = width // 2, height // 2
     corners = [transform * xy for xy in ((col, row), (col + 1, row), (col + 1, row + 1), (col, row + 1))]
     return float(area_m2(np.array([shapely.Polygon(corners)], dtype=object), crs)[0])
-
-
-# --------------------------------------------------------------------------------------------
-# true areas and perimeters
-
-
-def area_m2(geoms, crs) -> np.ndarray:
-    """True area in square metres of each geometry, for any CRS.
-
-    Projected CRSs (other than Mercator and equidistant cylindrical, whose scale grows with
-    latitude) use the planar area times the square of the linear unit in metres (US feet too).
-    Geographic, Mercator and equidistant cylindrical CRSs are projected to a cylindrical
-    equal-area projection on the same ellipsoid (centred on the data), which keeps areas
-    exactly; there, pixels from a lon/lat or Mercator grid stay exact rectangles.
-    """
-    geoms = _as_array(geoms)
-    crs = _as_crs(crs)
-    if geoms.size == 0:
-        return np.zeros(0, dtype=np.float64)
-    if not _needs_ellipsoid(crs):
-        return shapely.area(geoms) * _unit_m(crs) ** 2
-    lonlat = _to_lonlat(geoms, crs)
-    finite = shapely.bounds(lonlat)
-    lon0 = float(np.nanmedian((finite[:, 0] + finite[:, 2]) / 2))
-    cea = ProjectedCRS(
-        conversion=LambertCylindricalEqualAreaConversion(longitude_natural_origin=lon0),
-        geodetic_crs=crs.geodetic_crs,
-    )
-    to_cea = Transformer.from_crs(crs.geodetic_crs, cea, always_xy=True)
-    projected = shapely.transform(
-        shapely.segmentize(lonlat, _DENSIFY_DEGREES), _xy(to_cea)
-    )
-    return shapely.area(projected)
-
-
-def perimeter_m(geoms, crs) -> np.ndarray:
-    """True perimeter in metres (exterior plus interior rings) of each geometry, for any CRS.
-
-    Same rule as :func:`area_m2`; on the ellipsoid each edge is measured as a geodesic.
-    """
-    geoms = _as_array(geoms)
-    crs = _as_crs(crs)
-    if geoms.size == 0:
-        return np.zeros(0, dtype=np.float64)
-    if not _needs_ellipsoid(crs):
-        return shapely.length(geoms) * _unit_m(crs)
-    lonlat = _to_lonlat(geoms, crs)
-    parts, part_owner = shapely.get_parts(lonlat, return_index=True)
-    rings, ring_part = shapely.get_rings(parts, return_index=True)
-    xy, ring_of_vertex = shapely.get_coordinates(rings, return_index=True)
-    same_ring = ring_of_vertex[1:] == ring_of_vertex[:-1]
-    a, b = xy[:-1][same_ring], xy[1:][same_ring]
-    _, _, dist = crs.get_geod().inv(a[:, 0], a[:, 1], b[:, 0], b[:, 1])
-    per_ring = np.bincount(ring_of_vertex[:-1][same_ring], weights=dist, minlength=len(rings))
-    return np.bincount(part_owner[ring_part], weights=per_ring, minlength=len(geoms))
-
-
-def _as_array(geoms) -> np.ndarray:
-    if hasattr(geoms, "values") and hasattr(geoms, "crs"):  # GeoSeries
-        geoms = geoms.values
-    return np.asarray(geoms, dtype=object).reshape(-1)
-
-
-def _as_crs(crs) -> CRS:
-    if crs is None:
-        raise InputError("no CRS given: true areas need the geometries' CRS (e.g. 'EPSG:32633')")
-    if isinstance(crs, CRS):
-        return crs
-    if hasattr(crs, "to_wkt"):  # rasterio.crs.CRS
-        return CRS.from_wkt(crs.to_wkt())
-    return CRS.from_user_input(crs)
-
-
-def _needs_ellipsoid(crs: CRS) -> bool:
-    """True for CRSs whose planar measures are far from metres on the ground."""
-    if crs.is_geographic:
-        return True
-    if not crs.is_projected:
-        raise InputError(
-            f"CRS {crs.name!r} is neither geographic nor projected; reproject the raster to a "
-            "projected or geographic CRS"
-        )
-    operation = crs.coordinate_operation
-    method = (operation.method_name if operation else "").lower()
-    cylindrical = "mercator" in method and not ("transverse" in method or "oblique" in method)
-    return cylindrical or "equidistant cylindrical" in method or "plate carr" in method
-
-
-def _unit_m(crs: CRS) -> float:
-    factor = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
-    return float(factor) if factor and math.isfinite(factor) else 1.0
-
-
-def _to_lonlat(geoms: np.ndarray, crs: CRS) -> np.ndarray:
-    if crs.is_geographic:
-        # shapely geometries from rasters hold x = longitude whatever the CRS's axis order
-        return geoms
-    to_lonlat = Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True)
-    return shapely.transform(geoms, _xy(to_lonlat))
-
-
-def _xy(transformer: Transformer) -> Callable[[np.ndarray], np.ndarray]:
-    def apply(coords: np.ndarray) -> np.ndarray:
-        x, y = transformer.transform(coords[:, 0], coords[:, 1])
-        return np.column_stack([x, y])
-
-    return apply

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import sys
 import threading
 import time
@@ -36,8 +35,9 @@ import geoseg
 from geoseg.atomic import Staging, claim_outputs
 from geoseg.blend import StripAccumulator, Strip, decision_bias, resolve_thresholds, weight_window
 from geoseg.errors import InputError
-from geoseg.models.bundle import PRECISIONS
+from geoseg.models.bundle import PRECISIONS, release_keras, sha256_or_blank
 from geoseg.scene import SceneInfo, SceneReader, at_gsd, open_scene
+from geoseg.threads import Background, Behind, prefetch
 from geoseg.tiling import Tile, TilePlan, check_tiling, tile_plan
 
 log = logging.getLogger(__name__)
@@ -258,114 +258,6 @@ def iter_batches(
                     yield emit()
         if pending:
             yield emit()
-
-
-class Handoff:
-    """A bounded queue between two threads that a KeyboardInterrupt cannot wedge.
-
-    ``queue.Queue`` takes its lock in Python code: Ctrl-C or SIGTERM (raised as KeyboardInterrupt
-    in the main thread) landing between the lock's acquire and release leaves it held, and the
-    clean-up's next ``put`` or ``get`` then waits for ever. Here every operation is a single call
-    into ``queue.SimpleQueue`` (C); the bound is a second SimpleQueue of free slots.
-    """
-
-    def __init__(self, depth: int) -> None:
-        self._items: queue.SimpleQueue = queue.SimpleQueue()
-        self._slots: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(max(1, depth)):
-            self._slots.put(None)
-
-    def put(self, item: object, timeout: float | None = None) -> None:
-        """Wait for a free slot (``queue.Empty`` after ``timeout`` seconds), then hand ``item`` over."""
-        self._slots.get(timeout=timeout)
-        self._items.put(item)
-
-    def put_last(self, item: object) -> None:
-        """Hand over an end marker without waiting for a slot (it never blocks)."""
-        self._items.put(item)
-
-    def get(self) -> object:
-        item = self._items.get()
-        self._slots.put(None)
-        return item
-
-
-def prefetch(gen: Iterator[Batch], depth: int) -> Iterator[Batch]:
-    """Run ``gen`` in a background thread, ``depth`` items ahead (GDAL releases the GIL)."""
-    if depth <= 0:
-        yield from gen
-        return
-    q = Handoff(depth)
-    stop = threading.Event()
-    done = object()
-
-    def work() -> None:
-        try:
-            for item in gen:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Empty:  # no free slot yet
-                        continue
-                if stop.is_set():
-                    return
-            q.put_last(done)
-        except BaseException as exc:  # handed to the consumer, raised there
-            q.put_last(exc)
-
-    thread = threading.Thread(target=work, name="geoseg-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()  # the reader notices within 0.1 s, even when no slot frees up
-        thread.join(timeout=5.0)
-
-
-class Behind:
-    """Calls ``fn(item)`` for each ``put(item)`` in a background thread, at most ``depth`` items
-    behind, so blending and writing overlap the next model call (numpy and GDAL release the GIL).
-    The first error raised by ``fn`` is raised again by the next ``put`` or by ``close``."""
-
-    def __init__(self, fn: Callable[[object], None], depth: int = 2) -> None:
-        self._fn, self._error, self.busy_s = fn, None, 0.0
-        self._q = Handoff(depth)
-        self._thread = threading.Thread(target=self._work, name="geoseg-blender", daemon=True)
-        self._thread.start()
-
-    def _work(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            if self._error is None:
-                t0 = time.perf_counter()
-                try:
-                    self._fn(item)
-                except BaseException as exc:  # raised again in the caller's thread
-                    self._error = exc
-                self.busy_s += time.perf_counter() - t0
-
-    def put(self, item: object) -> None:
-        if self._error is not None:
-            raise self._error
-        self._q.put(item)
-
-    def close(self, *, raise_error: bool = True) -> None:
-        """Wait for every item put so far; raise the first error (unless another one is already
-        on its way up: ``raise_error=False``)."""
-        if self._thread.is_alive():
-            self._q.put_last(None)
-            self._thread.join()
-        if self._error is not None and raise_error:
-            raise self._error
 
 
 def quantize_score(score: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -742,7 +634,7 @@ def check_options(options: PredictOptions) -> None:
         raise InputError(f"--tta {options.tta!r} is not one of {', '.join(TTA)}")
     if options.polygonize not in ("live", "after"):
         raise InputError(f"--polygonize {options.polygonize!r} is not one of live, after")
-    from geoseg.scales import MERGES, check_scales
+    from geoseg.zooms import MERGES, check_scales
 
     if options.scales is not None:
         check_scales(options.scales, options.scale_merge or "mean")
@@ -829,47 +721,6 @@ def forward(model, x: np.ndarray, tta: str = "none") -> np.ndarray:
         out = np.flip(out, axis=2) if flip else out
         total = out if total is None else total + out
     return total / len(views)
-
-
-def _release_keras() -> None:
-    """Drop Keras' global state and collect garbage, so a model no longer referenced frees memory."""
-    import gc
-
-    import keras
-
-    keras.backend.clear_session()
-    gc.collect()
-
-
-class _Background:
-    """Run ``fn(*args)`` in a daemon thread (never holds up an interrupted run's exit)."""
-
-    def __init__(self, fn: Callable, *args: object) -> None:
-        self._value: object = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable, args: tuple) -> None:
-        try:
-            self._value = fn(*args)
-        except BaseException as exc:  # raised again by result(), in the caller's thread
-            self._error = exc
-
-    def result(self) -> object:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
-def _sha256_or_blank(path: str | os.PathLike) -> str:
-    from geoseg.models.bundle import file_sha256
-
-    try:
-        return file_sha256(path)
-    except OSError:  # a VRT or remote path: no single file to hash
-        return ""
 
 
 def building_class(class_names) -> int:
@@ -1023,7 +874,7 @@ def predict(
     bounding box. ``preview``: a PNG quick look of the classes over the scene (``geoseg.preview``)."""
     from geoseg import centrelines as roads
     from geoseg import outputs, polygons
-    from geoseg.scales import zoom_text
+    from geoseg.zooms import zoom_text
 
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -1062,7 +913,7 @@ def predict(
         if own_model:
             bundle = load_model_for(model, options)
         timings["load"] = round(time.perf_counter() - t_start, 3)
-        scene_hash = _Background(_sha256_or_blank, info.path)  # the scene's checksum, read while the model runs
+        scene_hash = Background(sha256_or_blank, info.path)  # the scene's checksum, read while the model runs
         t0 = time.perf_counter()
         warm_up(bundle, info, options)
         timings["trace"] = round(time.perf_counter() - t0, 3)
@@ -1100,7 +951,7 @@ def predict(
                     finally:
                         live.reader_finished(error)
 
-                live_polygons = _Background(polygonize_live)
+                live_polygons = Background(polygonize_live)
             try:
                 seg = segment(info, bundle, staging.scratch(output), options=options, probs=probs_out is not None,
                               progress=progress, timings=timings, on_rows=live.add if live else None)
@@ -1114,7 +965,7 @@ def predict(
                 raise
             if own_model:  # polygonizing does not need the model: give its memory back first
                 bundle = dataclasses.replace(bundle, model=None)
-                _release_keras()
+                release_keras()
 
             t0 = time.perf_counter()
             if live_polygons is not None:

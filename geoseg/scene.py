@@ -393,6 +393,26 @@ class SceneReader:
         return data, valid
 
 
+def pixels_inside(area, transform: rasterio.Affine, row0: int, row1: int, col0: int, col1: int) -> np.ndarray:
+    """Whether each pixel of the window rows ``row0:row1``, columns ``col0:col1`` of the grid
+    ``transform`` has its centre inside ``area`` (shapely polygons in the grid's CRS)."""
+    import shapely
+    from rasterio.features import rasterize
+
+    shapely.prepare(area)  # once per geometry (a no-op afterwards): speeds up the tests below, window after window
+    h, w = row1 - row0, col1 - col0
+    at = transform * rasterio.Affine.translation(col0, row0)
+    left, top = at * (0, 0)
+    right, bottom = at * (w, h)
+    box = shapely.box(min(left, right), min(top, bottom), max(left, right), max(top, bottom))
+    if shapely.contains(area, box):
+        return np.ones((h, w), dtype=bool)
+    part = shapely.clip_by_rect(area, *box.bounds)
+    if part.is_empty:
+        return np.zeros((h, w), dtype=bool)
+    return rasterize([(part, 1)], out_shape=(h, w), transform=at, fill=0, dtype="uint8").astype(bool)
+
+
 def own_pixels(info: SceneInfo, row0: int, row1: int, col0: int, col1: int) -> np.ndarray | None:
     """For a crop (``crop``), which pixels of a window of its grid are its own: inside the grid and,
     with an area of interest, with their centre inside the area (``geoseg.aoi``). None for a scene
@@ -402,9 +422,7 @@ def own_pixels(info: SceneInfo, row0: int, row1: int, col0: int, col1: int) -> n
     inside = np.zeros((row1 - row0, col1 - col0), dtype=bool)
     inside[max(0, -row0) : max(0, info.height - row0), max(0, -col0) : max(0, info.width - col0)] = True
     if info.aoi is not None and inside.any():
-        from geoseg.aoi import mask
-
-        inside &= mask(info.aoi, info.transform, row0, row1, col0, col1)
+        inside &= pixels_inside(info.aoi, info.transform, row0, row1, col0, col1)
     return inside
 
 

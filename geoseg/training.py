@@ -518,9 +518,10 @@ def load_scene(image: str | os.PathLike, labels: str | os.PathLike, *, class_nam
         ids = lr.read(0, grid.height, 0, grid.width)
     ids = np.where(valid, ids, IGNORE).astype(np.uint8)
     if aoi is not None:
-        from geoseg.aoi import mask, read_area
+        from geoseg.aoi import read_area
+        from geoseg.scene import pixels_inside
 
-        ids[~mask(read_area(aoi, grid.crs), grid.transform, 0, grid.height, 0, grid.width)] = IGNORE
+        ids[~pixels_inside(read_area(aoi, grid.crs), grid.transform, 0, grid.height, 0, grid.width)] = IGNORE
     if targets is not None and labelled_classes:
         ids = targets.restrict(ids, labelled_classes)
     if not (ids != IGNORE).any():
@@ -1357,7 +1358,7 @@ def train(cfg: TrainConfig, output: str | os.PathLike, *, resume: bool = False, 
     multiple = _size_multiple(cfg)
     _check_config(cfg, multiple)
     class_infos = with_thresholds(parse_classes(cfg.classes), cfg.threshold)
-    from geoseg.scales import check_scales, parse_scales
+    from geoseg.zooms import check_scales, parse_scales
 
     zooms = parse_scales(cfg.scales, "--scales") or (1.0,)
     check_scales(zooms, cfg.scale_merge or "mean")

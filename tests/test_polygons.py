@@ -11,7 +11,8 @@ from rasterio.transform import from_origin
 
 from geoseg import polygons
 from geoseg.errors import InputError
-from geoseg.polygons import area_m2, perimeter_m, polygonize
+from geoseg.measure import area_m2, perimeter_m
+from geoseg.polygons import polygonize
 
 NAMES = ["background", "building", "road", "water"]
 GEOD = Geod(ellps="WGS84")

@@ -12,7 +12,7 @@ from geoseg.cli.options import echo_json, json_option
 def models(as_json: bool) -> None:
     """List the built-in models (name, classes, bands, GSD, sha256)."""
     from geoseg.models.bundle import list_builtin
-    from geoseg.scales import zoom_text
+    from geoseg.zooms import zoom_text
 
     entries = list_builtin()
     if as_json:

@@ -15,6 +15,7 @@ import click
 
 from geoseg.errors import GeosegError
 from geoseg.models.bundle import PRECISIONS
+from geoseg.zooms import MERGES
 
 # Keep TensorFlow's C++ start-up chatter off stderr unless the user asks for it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -149,7 +150,7 @@ _INFERENCE = [
                       "pixels half as large, objects twice as big) and merge the probabilities on the scene's "
                       "grid. A zoom never reads finer than the scene's own pixels (left out when it would). "
                       "Each zoom z runs z² times the tiles. Default: the model's (`geoseg models`), else 1."),
-    click.option("--scale-merge", type=click.Choice(["max", "mean"]), default=None,
+    click.option("--scale-merge", type=click.Choice(MERGES), default=None,
                  help="How --scales merges the zooms: max (each class but background takes its highest "
                       "probability: found at any zoom counts) or mean. Default: the model's, else mean."),
     click.option("--threshold", default=None, metavar="P|CLASS=P,...",
@@ -175,7 +176,7 @@ def pop_predict_options(kwargs: dict[str, Any], **extra: Any) -> Any:
     from geoseg.cleanup import parse_per_class
     from geoseg.predict import PredictOptions
 
-    from geoseg.scales import parse_scales
+    from geoseg.zooms import parse_scales
 
     threshold = parse_per_class(kwargs.pop("threshold"), "--threshold", "P")
     scales = parse_scales(kwargs.pop("scales"))

@@ -12,6 +12,7 @@ from click.core import ParameterSource
 from geoseg.cli.options import echo_json, interrupt_code, json_option, logger, overwrite_option, parse_bands
 from geoseg.errors import InputError
 from geoseg.models.efficientnet import ENCODER_WEIGHTS, ENCODERS
+from geoseg.zooms import MERGES
 
 
 class ManyValues(click.Option):
@@ -165,7 +166,7 @@ def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
                    "cautious. Default: 0.5.")
 @click.option("--scales", default=None, metavar="1,ZOOM,...",
               help="Zooms stored in the bundle as predict's default (see predict --scales), e.g. 1,2. Default: 1.")
-@click.option("--scale-merge", type=click.Choice(["max", "mean"]), default=None,
+@click.option("--scale-merge", type=click.Choice(MERGES), default=None,
               help="How predict merges those zooms by default (see predict --scale-merge). Default: mean.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from the state beside -o.")
 @overwrite_option

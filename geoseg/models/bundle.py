@@ -265,7 +265,7 @@ class BundleMeta:
             if len(rng) != 2 or not 0 < rng[0] <= rng[1]:
                 raise _fail(f"gsd_range must be [min, max] with 0 < min <= max, got {self.gsd_range!r}")
             set_(self, "gsd_range", rng)
-        from geoseg.scales import check_scales
+        from geoseg.zooms import check_scales
 
         scales = tuple(_as_float("scales", v) for v in _as_tuple("scales", self.scales))
         try:
@@ -346,6 +346,25 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_or_blank(path: str | os.PathLike[str]) -> str:
+    """:func:`file_sha256` of a scene for the run metadata, or "" where there is no single file to
+    hash (a VRT or a remote path)."""
+    try:
+        return file_sha256(path)
+    except OSError:
+        return ""
+
+
+def release_keras() -> None:
+    """Drop Keras' global state and collect garbage, so a model no longer referenced frees memory."""
+    import gc
+
+    import keras
+
+    keras.backend.clear_session()
+    gc.collect()
 
 
 def _model_io(model: keras.Model) -> tuple[int | None, int | None]:
