@@ -75,7 +75,7 @@ def main() -> None:
 
     from geoseg.evaluate import evaluate
     from geoseg.models.bundle import load_bundle
-    from geoseg.predict import PredictOptions
+    from geoseg.inference.options import PredictOptions
     from geoseg.zooms import parse_scales
 
     bundle = load_bundle(args.model, precision=args.precision)
@@ -146,7 +146,7 @@ def _classes_of(bundle, scene: Path, options, bands: tuple[int, ...], gsd: str) 
 
     import rasterio
 
-    from geoseg.predict import segment
+    from geoseg.inference.segment import segment
     from geoseg.scene import open_scene
 
     info = open_scene(scene, bands=bands)

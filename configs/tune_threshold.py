@@ -83,7 +83,7 @@ def main() -> int:
     parser.add_argument("--keep-threshold", action="store_true", help="with --write: keep the bundle's threshold")
     args = parser.parse_args()
     from geoseg.models.bundle import load_bundle, resolve_model, save_bundle
-    from geoseg.predict import PredictOptions
+    from geoseg.inference.options import PredictOptions
     from geoseg.zooms import parse_scales
 
     options = PredictOptions(precision=args.precision, scales=parse_scales(args.scales), scale_merge=args.scale_merge)

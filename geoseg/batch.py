@@ -223,7 +223,7 @@ def _area_aois(table: Any, path: Path, base: Path, areas: set[str]) -> dict[str,
 def predict_options(table: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     """PredictOptions and the predict() keywords (regularize) from a manifest's ``[predict]`` table."""
     from geoseg.cleanup import parse_per_class
-    from geoseg.predict import PredictOptions, check_options, parse_min_area
+    from geoseg.inference.options import PredictOptions, check_options, parse_min_area
     from geoseg.zooms import parse_scales
 
     fields = {f.name for f in dataclasses.fields(PredictOptions)}
@@ -452,7 +452,8 @@ def _bundle(path: str, precision: str) -> Any:
 
 
 def _run_predict(job: Job) -> dict[str, Any]:
-    from geoseg.predict import PredictOptions, predict
+    from geoseg.inference.options import PredictOptions
+    from geoseg.predict import predict
 
     kw = dict(job.options["predict"])
     if kw.get("bands") is not None:

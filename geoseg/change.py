@@ -2,7 +2,7 @@
 
 ``geoseg change BEFORE AFTER -o changes.gpkg``. Each date is one of:
 
-- a **scene** (imagery): segmented with the model (``predict.segment``, probabilities kept);
+- a **scene** (imagery): segmented with the model (``inference.segment``, probabilities kept);
 - a **class raster** from an earlier run (``geoseg predict --raster-out``: one uint8 band, tag
   ``class_names``, nodata 255), or any single-band integer class raster when ``--classes`` names
   its ids;
@@ -47,7 +47,7 @@ import geoseg
 from geoseg.atomic import Staging, claim_outputs
 from geoseg.blend import decision_bias
 from geoseg.errors import InputError
-from geoseg.predict import PredictOptions
+from geoseg.inference.options import PredictOptions
 
 log = logging.getLogger(__name__)
 
@@ -513,9 +513,11 @@ def change(
     ``progress(stage, done, total)`` is called with stages ``before``/``after`` (model tiles),
     ``compare`` and ``polygonize`` (rows of the common grid).
     """
-    from geoseg import outputs, polygons
+    from geoseg import outputs
+    from geoseg.inference.options import check_options, scales_for, thresholds
+    from geoseg.inference.segment import segment
     from geoseg.models.bundle import read_meta, release_keras, resolve_model, sha256_or_blank
-    from geoseg.predict import check_options, load_model_for, segment, scales_for, thresholds
+    from geoseg.predict import load_model_for
     from geoseg.threads import Background
     from geoseg.zooms import zoom_text
 
@@ -538,7 +540,7 @@ def change(
         check_options(predict_options)
         meta = bundle.meta if bundle is not None else read_meta(resolve_model(None if model is None else str(model)))
         thresholds(predict_options, meta)  # a bad --threshold fails before any work
-        from geoseg.predict import check_scene_for
+        from geoseg.inference.segment import check_scene_for
         from geoseg.scene import open_scene
 
         for d in scenes:  # and so do each scene's bands, the tiling and the GSD
@@ -728,7 +730,7 @@ def _grid_within(grid: Grid, area, *, margin_px: int, aoi) -> Grid:
 
 
 def _palette(n: int) -> tuple[tuple[int, int, int], ...]:
-    from geoseg.training import PALETTE
+    from geoseg.outputs import PALETTE
 
     return tuple(PALETTE[i % len(PALETTE)] for i in range(n))
 

@@ -2,7 +2,7 @@
 
 The data flow of :func:`evaluate`::
 
-    scene ──segment (predict.segment)──▶ class raster (temporary, on the scene's grid)
+    scene ──segment (inference.segment)──▶ class raster (temporary, on the scene's grid)
     class raster + labels (LabelReader, same grid) ──strips of rows with a halo──▶
         ConfusionMatrix    pixel IoU, Dice/F1, precision, recall, accuracy
         BoundaryCounter    boundary F1 within a tolerance in pixels
@@ -32,7 +32,7 @@ import numpy as np
 
 from geoseg.errors import InputError
 from geoseg.labels import IGNORE, LabelReader, parse_label_values
-from geoseg.predict import PredictOptions
+from geoseg.inference.options import PredictOptions
 
 log = logging.getLogger(__name__)
 
@@ -742,7 +742,8 @@ def evaluate(
     vector file, any CRS; ``geoseg.aoi``), for labels that are complete only there.
     """
     from geoseg.models.bundle import load_bundle, read_meta, resolve_model
-    from geoseg.predict import check_options, min_areas, segment, thresholds
+    from geoseg.inference.options import check_options, min_areas, thresholds
+    from geoseg.inference.segment import segment
     from geoseg.zooms import zoom_text
     from geoseg.scene import open_scene
 
@@ -764,7 +765,7 @@ def evaluate(
     class_names = list(meta.class_names)
     min_area = min_areas(options, meta)
     thresholds(options, meta)  # a bad --threshold fails before the model loads
-    from geoseg.predict import check_scene_for
+    from geoseg.inference.segment import check_scene_for
 
     check_scene_for(info, meta, options)  # and so do bands, tiling and GSD
     from geoseg.centrelines import road_class

@@ -329,6 +329,13 @@ def verify_tiff(path: str | os.PathLike) -> None:
                           f"file-size limit reached; free some disk space and run again")
 
 
+#: Default class colours, by class id (background first).
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195),
+)
+
 #: Opacity (0-255) of a class in the class raster's QGIS style: the imagery under an overlay stays
 #: visible. Background classes (and "no change") are fully transparent there. (A GeoTIFF colour
 #: table holds no alpha: the TIFF ColorMap tag is RGB only, and GDAL reads every entry back opaque.)

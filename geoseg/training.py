@@ -51,12 +51,13 @@ import numpy as np
 
 from geoseg.errors import InputError, OutputError
 from geoseg.labels import IGNORE
+from geoseg.models import ARCHITECTURES
+from geoseg.outputs import PALETTE
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "LOSSES",
-    "PALETTE",
     "Augment",
     "ChipSampler",
     "Dataset",
@@ -82,15 +83,9 @@ __all__ = [
     "validation_windows",
 ]
 
-#: Default class colours, by class id (background first).
-PALETTE: tuple[tuple[int, int, int], ...] = (
-    (0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195),
-)
 #: Loss terms ``make_loss`` knows; combine them as ``ce+dice`` or ``0.5*focal+dice``.
 LOSSES = ("ce", "dice", "focal")
-ARCHS = ("unet", "segnet")
+ARCHS = tuple(ARCHITECTURES)  # the architectures geoseg.models builds
 PRECISIONS = ("float32", "mixed_bfloat16")
 FOCAL_GAMMA = 2.0
 DICE_SMOOTH = 1.0

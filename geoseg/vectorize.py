@@ -24,7 +24,7 @@ import geoseg
 from geoseg.atomic import Staging, claim_outputs
 from geoseg.errors import InputError
 from geoseg.models.bundle import file_sha256
-from geoseg.training import PALETTE
+from geoseg.outputs import PALETTE
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def vectorize(
             tags = ds.tags()  # geoseg predict writes the values it used (the model's, or its options')
         tagged = tags.get("min_area_m2")
         if tagged and min_area_m2 is None:
-            from geoseg.predict import parse_min_area
+            from geoseg.inference.options import parse_min_area
 
             saved = parse_min_area(tagged)
             areas.update({k: v for k, v in saved.items() if k in areas} if isinstance(saved, Mapping) else {})
@@ -152,7 +152,7 @@ def vectorize(
         if centerlines:
             roads.road_class(names, line_options.class_name, required=True)  # fail before any work
         if regularize:
-            from geoseg.predict import building_class
+            from geoseg.inference.options import building_class
 
             building = building_class(names)
         meta = {

@@ -2,7 +2,7 @@
 
 A zoom factor ``s`` runs the model on a grid ``s`` times finer than the working grid (``1`` is the
 working grid itself); the runs are merged back on the scene's grid by ``max`` or ``mean`` of the
-class probabilities (``geoseg.scales`` does the running and merging). Model bundles, the CLI,
+class probabilities (``geoseg.inference.scales`` does the running and merging). Model bundles, the CLI,
 batch manifests and training recipes all read and check zooms here, so that none of them needs
 the inference code to do it.
 """

@@ -17,7 +17,8 @@ from rasterio.warp import transform_geom
 
 from geoseg.cli import cli
 from geoseg.errors import InputError
-from geoseg.predict import PredictOptions, predict
+from geoseg.inference.options import PredictOptions
+from geoseg.predict import predict
 from geoseg.scene import SceneReader, crop, open_scene
 from geoseg.tiling import plan_tiles
 from tests.conftest import shared, write_raster

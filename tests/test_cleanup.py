@@ -314,7 +314,7 @@ def test_bundle_metadata_keeps_clean_up_defaults_and_reads_old_bundles():
 
 
 def test_model_defaults_apply_and_options_override_them():
-    from geoseg.predict import PredictOptions, cleanup_for
+    from geoseg.inference.options import PredictOptions, cleanup_for
     from tests.testmodels import onehot_meta
 
     meta = onehot_meta(3)
@@ -337,7 +337,8 @@ def test_model_defaults_apply_and_options_override_them():
 def test_predict_uses_the_model_s_clean_up_and_vectorize_repeats_it_unless_told_otherwise(tmp_path):
     import dataclasses
 
-    from geoseg.predict import PredictOptions, predict
+    from geoseg.inference.options import PredictOptions
+    from geoseg.predict import predict
     from tests.testmodels import numpy_bundle
 
     rng = np.random.default_rng(11)

@@ -20,7 +20,7 @@ from geoseg.evaluate import (
     BoundaryCounter, ConfusionMatrix, evaluate, evaluate_classes, match_objects, strips,
 )
 from geoseg.labels import IGNORE
-from geoseg.predict import PredictOptions
+from geoseg.inference.options import PredictOptions
 from tests.conftest import shared, write_raster
 from tests.testmodels import blocky_labels, keras_onehot_bundle, numpy_bundle
 

@@ -17,7 +17,7 @@ from geoseg.errors import InputError
 from geoseg.evaluate import evaluate
 from geoseg.labels import IGNORE
 from geoseg.models.bundle import Bundle, ClassInfo
-from geoseg.predict import PredictOptions
+from geoseg.inference.options import PredictOptions
 from tests.conftest import write_raster
 from tests.testmodels import keras_onehot_bundle, numpy_bundle
 

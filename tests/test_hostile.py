@@ -278,7 +278,7 @@ def test_native_gsd_far_from_the_model_needs_force(work):
 def test_force_runs_it_with_a_warning_and_auto_warns_when_far(caplog):
     import dataclasses
 
-    from geoseg.predict import working_grid
+    from geoseg.inference.grids import working_grid
     from geoseg.scene import SceneInfo
     from tests.testmodels import test_meta
 

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from geoseg.errors import InputError, OutputError
-from geoseg.predict import PredictOptions, predict
+from geoseg.inference.options import PredictOptions
+from geoseg.predict import predict
 from tests.conftest import write_raster
 from tests.testmodels import blocky_labels, numpy_bundle
 
@@ -255,7 +256,7 @@ class Lopsided:
 
 
 def test_tta_averages_the_logits_of_flipped_and_turned_tiles():
-    from geoseg.predict import forward
+    from geoseg.inference.engine import forward
 
     x = np.random.default_rng(0).uniform(0, 100, size=(2, 8, 8, 1)).astype(np.float32)
     model = Lopsided()
@@ -318,10 +319,11 @@ def test_polygons_made_beside_the_model_equal_those_made_from_the_class_raster(t
     """One column chunk: strips go to the polygonizer as the blender finishes them. Small strips
     (the polygonizer's and the blender's) and a held-row limit below one strip exercise the
     hand-over; the result must be what the class raster gives after the model."""
-    from geoseg import polygons, predict as predict_module
+    from geoseg import polygons
+    from geoseg.inference import live
 
     monkeypatch.setattr(polygons, "_STRIP_PIXELS", 131 * 6)
-    monkeypatch.setattr(predict_module.LiveRows.__init__, "__kwdefaults__", {"max_rows": 3})
+    monkeypatch.setattr(live.LiveRows.__init__, "__kwdefaults__", {"max_rows": 3})
     rng = np.random.default_rng(5)
     labels = blocky_labels(97, 131, 4, rng, block=5)
     labels[rng.random(labels.shape) < 0.01] = 2  # speckles for the sieve
@@ -345,7 +347,7 @@ def test_polygons_made_beside_the_model_equal_those_made_from_the_class_raster(t
 def test_live_rows_hand_over_every_row_once_without_waiting_on_each_other():
     import threading
 
-    from geoseg.predict import LiveRows
+    from geoseg.inference.live import LiveRows
 
     h, w = 50, 7
     info = type("Info", (), {"path": "x", "height": h, "width": w, "crs": None, "transform": None})()

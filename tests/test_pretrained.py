@@ -327,7 +327,7 @@ def test_one_encoder_model_runs_tiles_of_many_shapes():
     predict_on_batch relaxed the third to unknown height and width, which the decoder's bilinear
     UpSampling2D could not trace under TensorFlow (OperatorNotAllowedInGraphError)."""
     from geoseg.models import build_model
-    from geoseg.predict import forward
+    from geoseg.inference.engine import forward
 
     model = build_model("unet", bands=3, classes=2, encoder="efficientnet-lite0", mean=[127] * 3, std=[128] * 3)
     rng = np.random.default_rng(2)

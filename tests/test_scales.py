@@ -13,8 +13,9 @@ import shapely
 
 from geoseg.errors import BundleError, InputError
 from geoseg.models.bundle import BundleMeta
-from geoseg.predict import PredictOptions, predict
-from geoseg.scales import decide, merge_probs, scale_grids
+from geoseg.inference.options import PredictOptions
+from geoseg.inference.scales import decide, merge_probs, scale_grids
+from geoseg.predict import predict
 from geoseg.scene import at_gsd, open_scene
 from geoseg.zooms import parse_scales
 from tests.conftest import write_raster

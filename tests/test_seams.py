@@ -5,7 +5,8 @@ import pytest
 import rasterio
 
 from geoseg.models.bundle import load_bundle
-from geoseg.predict import PredictOptions, predict
+from geoseg.inference.options import PredictOptions
+from geoseg.predict import predict
 from tests.conftest import shared
 from tests.testmodels import random_unet_bundle
 

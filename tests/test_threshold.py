@@ -14,7 +14,8 @@ from geoseg.blend import decision_bias, resolve_thresholds
 from geoseg.cli import cli
 from geoseg.errors import InputError
 from geoseg.models.bundle import Bundle, BundleError, BundleMeta, ClassInfo
-from geoseg.predict import PredictOptions, predict
+from geoseg.inference.options import PredictOptions
+from geoseg.predict import predict
 from tests.conftest import write_raster
 from tests.testmodels import onehot_meta
 

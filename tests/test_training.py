@@ -95,7 +95,8 @@ def test_a_tiny_unet_learns_and_the_best_epoch_becomes_a_bundle_that_predicts(tr
     assert not resume_dir_for(out).exists()  # removed once the bundle is written
 
     from geoseg.models import load_bundle
-    from geoseg.predict import PredictOptions, segment
+    from geoseg.inference.options import PredictOptions
+    from geoseg.inference.segment import segment
     from geoseg.scene import open_scene
 
     bundle = load_bundle(out)

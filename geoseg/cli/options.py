@@ -13,7 +13,9 @@ from typing import Any
 
 import click
 
+from geoseg.blend import WINDOWS
 from geoseg.errors import GeosegError
+from geoseg.inference.options import STRETCHES, TTA
 from geoseg.models.bundle import PRECISIONS
 from geoseg.zooms import MERGES
 
@@ -122,7 +124,7 @@ _INFERENCE = [
     click.option("--batch-size", type=int, default=2, show_default=True,
                  help="Tiles per model call. On a CPU larger batches cost memory without gaining speed; "
                       "on a GPU try 8-32."),
-    click.option("--blend", type=click.Choice(["cosine", "gaussian", "mean"]), default="cosine", show_default=True,
+    click.option("--blend", type=click.Choice(WINDOWS), default="cosine", show_default=True,
                  help="Weight window for overlapping tiles."),
     click.option("--precision", type=click.Choice(PRECISIONS),
                  default="auto", show_default=True,
@@ -136,13 +138,13 @@ _INFERENCE = [
     click.option("--force", is_flag=True,
                  help="Run --gsd native on a scene whose pixels are more than 4x outside the model's GSD range "
                       "(objects then look many times smaller or larger than the model learned them)."),
-    click.option("--stretch", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
+    click.option("--stretch", type=click.Choice(STRETCHES), default="auto", show_default=True,
                  help="auto: when the scene's data type differs from the model's training imagery (e.g. "
                       "uint16 satellite data, uint8 model), map its 2-98 % value range onto the model's."),
     click.option("--bands", callback=parse_bands, default=None, metavar="I,J,K",
                  help="Scene bands to feed the model, 1-based, in the model's order (e.g. 3,2,1)."),
     click.option("--assume-crs", default=None, metavar="CRS", help="CRS to use when the scene has none (e.g. EPSG:32633)."),
-    click.option("--tta", type=click.Choice(["none", "flips", "d4"]), default="none", show_default=True,
+    click.option("--tta", type=click.Choice(list(TTA)), default="none", show_default=True,
                  help="Test-time augmentation: average the logits of flipped (4 passes) or flipped and "
                       "turned (d4, 8 passes) tiles; costs that many times the model time."),
     click.option("--scales", default=None, metavar="1,ZOOM,...",
@@ -174,7 +176,7 @@ def inference_options(f: Callable) -> Callable:
 def pop_predict_options(kwargs: dict[str, Any], **extra: Any) -> Any:
     """Take the ``inference_options`` out of a command's keyword arguments as PredictOptions."""
     from geoseg.cleanup import parse_per_class
-    from geoseg.predict import PredictOptions
+    from geoseg.inference.options import PredictOptions
 
     from geoseg.zooms import parse_scales
 

@@ -8,6 +8,7 @@ from geoseg.cli.options import (
     StageBars, aoi_option, centerline_options, cleanup_options, echo_json, inference_options, json_option, logger,
     model_option, output_option, overwrite_option, pop_centerline_options, pop_cleanup_options, pop_predict_options,
 )
+from geoseg.inference.options import POLYGONIZE
 
 
 @click.command()
@@ -31,7 +32,7 @@ from geoseg.cli.options import (
                    "(falls back to the plain outline when that would change it too much).")
 @centerline_options
 @inference_options
-@click.option("--polygonize", type=click.Choice(["after", "live"]), default="after", show_default=True,
+@click.option("--polygonize", type=click.Choice(POLYGONIZE), default="after", show_default=True,
               help="after: polygonize once the model is done; live: polygonize strips beside the model as they "
                    "are finished (scenes up to 8192 px wide on the model's grid): faster when the model leaves "
                    "a CPU core free (a GPU, or TF_NUM_INTRAOP_THREADS below the cores), slower when it does not.")
@@ -50,7 +51,7 @@ def predict(ctx: click.Context, scene: str, output: str, model: str | None, rast
     """
     from geoseg.predict import predict as run
 
-    from geoseg.predict import parse_min_area
+    from geoseg.inference.options import parse_min_area
 
     centerlines, line_options = pop_centerline_options(inference)
     options = pop_predict_options(inference, min_area_m2=parse_min_area(min_area_m2), polygonize=polygonize,

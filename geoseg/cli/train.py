@@ -11,6 +11,7 @@ from click.core import ParameterSource
 
 from geoseg.cli.options import echo_json, interrupt_code, json_option, logger, overwrite_option, parse_bands
 from geoseg.errors import InputError
+from geoseg.models import ARCHITECTURES
 from geoseg.models.efficientnet import ENCODER_WEIGHTS, ENCODERS
 from geoseg.zooms import MERGES
 
@@ -95,7 +96,7 @@ def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
 @click.option("--chip-stride", type=int, default=None, help="Step between candidate chips. Default: half a chip.")
 @click.option("--min-labelled", type=float, default=0.5, show_default=True,
               help="Skip chips with a smaller fraction of valid, labelled pixels.")
-@click.option("--arch", type=click.Choice(["unet", "segnet"]), default="unet", show_default=True)
+@click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default="unet", show_default=True)
 @click.option("--encoder", type=click.Choice(list(ENCODERS)), default="none", show_default=True,
               help="The U-Net's encoder: none (geoseg's own, --width and --depth) or efficientnet-lite0 (pretrained "
                    "on ImageNet; 3.7 M parameters, chips and tiles multiples of 32; its weights come from "

@@ -37,7 +37,7 @@ def vectorize(ctx: click.Context, classes: str, output: str, class_names: str | 
     geoseg vectorize roads.tif -o roads.gpkg --classes background,road --spur-m 20 --bridge-m 15
     geoseg vectorize landcover.tif -o lc.gpkg --sieve 4 --max-hole building=20 --simplify 1
     """
-    from geoseg.predict import parse_min_area
+    from geoseg.inference.options import parse_min_area
     from geoseg.vectorize import vectorize as run
 
     names = [n.strip() for n in class_names.split(",")] if class_names else None

@@ -1,7 +1,7 @@
 """Multi-scale inference: the model run at several zooms of its working grid, the probabilities
 merged on the scene's grid.
 
-The working grid is where the model runs with one zoom (``predict.working_grid``: the scene's own
+The working grid is where the model runs with one zoom (``grids.working_grid``: the scene's own
 pixels, or the scene resampled to the model's GSD). A zoom of 2 reads the scene at pixels half that
 size, so the model sees every object twice as large; 0.5 at pixels twice the size. Each zoom is a
 full run of the tiles-batches-blend pipeline on its own grid, with its probabilities kept; the runs
@@ -27,14 +27,17 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import rasterio
+from rasterio.windows import Window
 
+from geoseg.blend import argmax_classes, decision_bias
+from geoseg.inference.engine import segment_grid
+from geoseg.inference.grids import column_chunks, plan_chunks, tiling_for, working_grid
+from geoseg.inference.options import PredictOptions, Progress, thresholds
+from geoseg.inference.rasters import CLASS_NODATA, SCORE_SCALE, RasterSinks, Segmentation
 from geoseg.scene import SceneInfo, SceneReader, at_gsd
-
-if TYPE_CHECKING:
-    from geoseg.predict import PredictOptions, Progress, Segmentation
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +93,6 @@ def merge_probs(stack: np.ndarray, covered: np.ndarray, merge: str, background: 
 def decide(probs: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     """The class of each pixel from probabilities (classes, rows, cols) and the decision thresholds'
     logit offsets (``blend.decision_bias``): the class with the largest ``log(p) + bias``."""
-    from geoseg.blend import argmax_classes
-
     x = np.moveaxis(probs, 0, -1)
     if bias is not None:
         x = np.log(np.maximum(x, 1e-30)) + bias
@@ -99,8 +100,6 @@ def decide(probs: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
 
 
 def _tile_total(grid: SceneInfo, meta, options: PredictOptions) -> int:
-    from geoseg.predict import plan_chunks, tiling_for
-
     return sum(map(len, plan_chunks(grid, *tiling_for(grid, meta, options), options.chunk_width)[1]))
 
 
@@ -117,9 +116,7 @@ def segment_scales(
     timings: dict[str, float],
 ) -> Segmentation:
     """Run ``bundle`` on each grid of :func:`scale_grids` and merge the runs on the scene's grid
-    (class, score and, with ``probs``, probability rasters in ``out_dir``, as ``predict.segment``)."""
-    from geoseg.predict import segment
-
+    (class, score and, with ``probs``, probability rasters in ``out_dir``, as ``segment.segment``)."""
     meta = bundle.meta
     totals = [_tile_total(g, meta, options) for _, g in grids]
     runs = []
@@ -134,8 +131,9 @@ def segment_scales(
         sub = Path(out_dir) / f"zoom{i}"
         sub.mkdir(exist_ok=True)
         run_timings: dict[str, float] = {}
-        runs.append(segment(grid, bundle, sub, options=one, probs=True, progress=report if progress else None,
-                            timings=run_timings))
+        working_grid(grid, meta, "native", force=options.force)  # a zoom far outside the model's GSDs: error or warning
+        runs.append(segment_grid(grid, bundle, sub, options=one, probs=True, progress=report if progress else None,
+                                 timings=run_timings))
         for key, value in run_timings.items():
             timings[key] = round(timings.get(key, 0.0) + value, 3)
     t0 = time.perf_counter()
@@ -150,8 +148,6 @@ def segment_scales(
 
 
 def _thresholds(options: PredictOptions, meta) -> list[float]:
-    from geoseg.predict import thresholds
-
     return list(thresholds(options, meta).values())
 
 
@@ -161,12 +157,7 @@ def merge_to_scene(runs: list[Segmentation], info: SceneInfo, out_dir: Path, *, 
     """Read every run's probabilities onto the scene's grid (bilinear; coverage from its class
     raster, nearest) window by window, merge them and write class, score (and probability) rasters.
     The scene's own nodata mask is applied at full resolution."""
-    import rasterio
     from rasterio.vrt import WarpedVRT
-    from rasterio.windows import Window
-
-    from geoseg.blend import decision_bias
-    from geoseg.predict import CLASS_NODATA, SCORE_SCALE, RasterSinks, Segmentation, column_chunks
 
     Resampling = rasterio.enums.Resampling
     classes = len(thresholds)
