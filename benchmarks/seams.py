@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from geoseg.models.bundle import load_bundle  # noqa: E402
 from geoseg.inference.options import PredictOptions  # noqa: E402
-from geoseg.predict import predict  # noqa: E402
+from geoseg.workflows.predict import predict  # noqa: E402
 from tests.testmodels import random_unet_bundle  # noqa: E402
 
 DEFAULT = REPO.parent / "shared/data/buildings-oam-train/mosaics/2-kampala_ug/kampala_ug_block2_z21_rgb.tif"

@@ -4,7 +4,7 @@
                                       [--gsd auto|native|METRES] [--scales 1,ZOOM,... --scale-merge mean|max]
                                       [--tta none|flips|d4] [--tiles 2,3]
 
-Runs the full predict pipeline (``geoseg.evaluate.evaluate``, the library call behind
+Runs the full predict pipeline (``geoseg.workflows.evaluate.evaluate``, the library call behind
 ``geoseg evaluate``) on each scene and prints Markdown tables:
 
 - Dubai tiles 2 and 3 (held out whole from training; all 18 images): per-class IoU, F1, precision
@@ -73,7 +73,7 @@ def main() -> None:
                     help="Dubai tiles to score (default: the held-out 2,3; a training tile shows the fit, not skill)")
     args = ap.parse_args()
 
-    from geoseg.evaluate import evaluate
+    from geoseg.workflows.evaluate import evaluate
     from geoseg.models.bundle import load_bundle
     from geoseg.inference.options import PredictOptions
     from geoseg.zooms import parse_scales

@@ -257,7 +257,7 @@ def predict_options(table: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
 
 def change_options(table: Mapping[str, Any]) -> Any:
     """ChangeOptions from a manifest's ``[change]`` table (keys as the ``geoseg change`` options)."""
-    from geoseg.change import ChangeOptions
+    from geoseg.workflows.change import ChangeOptions
 
     fields = {f.name for f in dataclasses.fields(ChangeOptions)}
     kw = {k.replace("-", "_"): v for k, v in table.items()}
@@ -453,7 +453,7 @@ def _bundle(path: str, precision: str) -> Any:
 
 def _run_predict(job: Job) -> dict[str, Any]:
     from geoseg.inference.options import PredictOptions
-    from geoseg.predict import predict
+    from geoseg.workflows.predict import predict
 
     kw = dict(job.options["predict"])
     if kw.get("bands") is not None:
@@ -467,7 +467,7 @@ def _run_predict(job: Job) -> dict[str, Any]:
 
 
 def _run_change(job: Job) -> dict[str, Any]:
-    from geoseg.change import ChangeOptions, change
+    from geoseg.workflows.change import ChangeOptions, change
 
     out = job.outputs
     result = change(job.inputs["before"], job.inputs["after"], out["gpkg"], raster_out=out["raster"],

@@ -18,7 +18,7 @@ from rasterio.warp import transform_geom
 from geoseg.cli import cli
 from geoseg.errors import InputError
 from geoseg.inference.options import PredictOptions
-from geoseg.predict import predict
+from geoseg.workflows.predict import predict
 from geoseg.scene import SceneReader, crop, open_scene
 from geoseg.tiling import plan_tiles
 from tests.conftest import shared, write_raster
@@ -227,7 +227,7 @@ def test_aoi_on_a_real_drone_block_with_the_default_model(tmp_path):
 @pytest.mark.parametrize("georeferenced", [True, False])
 def test_evaluate_scores_only_inside_the_area(scene, tmp_path, georeferenced):
     """Labels complete only inside an area (as OpenStreetMap often is): outside it they are wrong."""
-    from geoseg.evaluate import evaluate
+    from geoseg.workflows.evaluate import evaluate
 
     path, labels = scene
     x0, y0 = 500000, 5000000
@@ -247,7 +247,7 @@ def test_evaluate_scores_only_inside_the_area(scene, tmp_path, georeferenced):
 
 def test_reference_road_lines_are_clipped_to_the_area(scene, tmp_path):
     from geoseg.aoi import restrict
-    from geoseg.evaluate import reference_road_lines
+    from geoseg.workflows.evaluate import reference_road_lines
 
     path, _ = scene
     x0, y0 = 500000, 5000000
@@ -263,8 +263,8 @@ def test_reference_road_lines_are_clipped_to_the_area(scene, tmp_path):
 
 def test_change_reports_only_inside_the_area_what_the_whole_run_reports(tmp_path):
     """Class rasters of two dates: inside the area the codes equal those of a run without it."""
-    from geoseg.change import CODE_NODATA
-    from geoseg.change import change as run_change
+    from geoseg.workflows.change import CODE_NODATA
+    from geoseg.workflows.change import change as run_change
 
     rng = np.random.default_rng(3)
     before = blocky_labels(120, 140, 3, rng, block=6)
@@ -295,7 +295,7 @@ def test_change_reports_only_inside_the_area_what_the_whole_run_reports(tmp_path
 
 
 def test_change_of_two_scenes_segments_only_the_area(tmp_path):
-    from geoseg.change import change as run_change
+    from geoseg.workflows.change import change as run_change
 
     rng = np.random.default_rng(4)
     scenes = []

@@ -22,10 +22,10 @@ from pyproj import Transformer
 from rasterio.features import rasterize
 from rasterio.transform import from_origin
 
-from geoseg.change import (
+from geoseg.workflows.change import (
     CODE_NODATA, ChangeOptions, Aligned, common_grid, compare, detect_input, transition_table, transitions,
 )
-from geoseg.change import change as run_change
+from geoseg.workflows.change import change as run_change
 from geoseg.cli import cli
 from geoseg.errors import InputError
 from geoseg.outputs import read_run_metadata
@@ -147,7 +147,7 @@ def test_without_tolerance_the_shift_leaves_slivers_along_every_building(two_dat
 
 def test_strips_of_a_few_rows_give_the_same_change_as_one_strip(two_dates, tmp_path, monkeypatch):
     """The tolerance looks across strip lines (a halo of rows), so the strip height changes nothing."""
-    import geoseg.change as mod
+    import geoseg.workflows.change as mod
 
     before, after, _ = two_dates
     run_change(before, after, tmp_path / "a.gpkg", raster_out=tmp_path / "a.tif")
@@ -211,7 +211,7 @@ def test_a_geographic_before_gives_polygons_in_degrees_with_true_areas(tmp_path)
 
 
 def test_an_interrupted_run_leaves_nothing_behind(two_dates, tmp_path, monkeypatch):
-    import geoseg.change as mod
+    import geoseg.workflows.change as mod
 
     before, after, _ = two_dates
     calls = []

@@ -338,7 +338,7 @@ def test_predict_uses_the_model_s_clean_up_and_vectorize_repeats_it_unless_told_
     import dataclasses
 
     from geoseg.inference.options import PredictOptions
-    from geoseg.predict import predict
+    from geoseg.workflows.predict import predict
     from tests.testmodels import numpy_bundle
 
     rng = np.random.default_rng(11)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from geoseg.cli import cli
 from geoseg.errors import InputError
-from geoseg.evaluate import (
+from geoseg.workflows.evaluate import (
     BoundaryCounter, ConfusionMatrix, evaluate, evaluate_classes, match_objects, strips,
 )
 from geoseg.labels import IGNORE

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from geoseg.cli import cli
 from geoseg.errors import InputError
-from geoseg.evaluate import evaluate
+from geoseg.workflows.evaluate import evaluate
 from geoseg.labels import IGNORE
 from geoseg.models.bundle import Bundle, ClassInfo
 from geoseg.inference.options import PredictOptions

@@ -23,11 +23,11 @@ LONGEST = 80  # lines of one function from its "def" (docstring included, decora
 # does one that was shortened without being taken off this list.
 LONG_FUNCTIONS = {
     "geoseg.training.train": 311,
-    "geoseg.change.change": 225,
-    "geoseg.predict.predict": 211,
-    "geoseg.vectorize.vectorize": 123,
-    "geoseg.evaluate.evaluate_classes": 115,
-    "geoseg.evaluate.evaluate": 108,
+    "geoseg.workflows.change.change": 225,
+    "geoseg.workflows.predict.predict": 211,
+    "geoseg.workflows.vectorize.vectorize": 123,
+    "geoseg.workflows.evaluate.evaluate_classes": 115,
+    "geoseg.workflows.evaluate.evaluate": 108,
     "geoseg.batch.run_batch": 99,
     "geoseg.cli.train.train": 96,
     "geoseg.models.bundle.BundleMeta.__post_init__": 91,

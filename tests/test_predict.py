@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from geoseg.errors import InputError, OutputError
 from geoseg.inference.options import PredictOptions
-from geoseg.predict import predict
+from geoseg.workflows.predict import predict
 from tests.conftest import write_raster
 from tests.testmodels import blocky_labels, numpy_bundle
 
@@ -320,10 +320,12 @@ def test_polygons_made_beside_the_model_equal_those_made_from_the_class_raster(t
     (the polygonizer's and the blender's) and a held-row limit below one strip exercise the
     hand-over; the result must be what the class raster gives after the model."""
     from geoseg import polygons
-    from geoseg.inference import live
+    from geoseg.inference import live as live_module
+    from geoseg.inference.segment import streams_rows
+    from geoseg.scene import open_scene
 
     monkeypatch.setattr(polygons, "_STRIP_PIXELS", 131 * 6)
-    monkeypatch.setattr(live.LiveRows.__init__, "__kwdefaults__", {"max_rows": 3})
+    monkeypatch.setattr(live_module.LiveRows.__init__, "__kwdefaults__", {"max_rows": 3})
     rng = np.random.default_rng(5)
     labels = blocky_labels(97, 131, 4, rng, block=5)
     labels[rng.random(labels.shape) < 0.01] = 2  # speckles for the sieve
@@ -332,8 +334,7 @@ def test_polygons_made_beside_the_model_equal_those_made_from_the_class_raster(t
     for cw in (8192, 40):  # 8192: live (one chunk); 40: from the class raster
         results[cw] = predict(scene, tmp_path / f"{cw}.gpkg", bundle=numpy_bundle(classes=4),
                               options=PredictOptions(tile_size=32, overlap=8, chunk_width=cw, polygonize="live", **clean))
-    assert predict_module.streams_rows(predict_module.open_scene(scene), numpy_bundle(classes=4).meta,
-                                       PredictOptions(chunk_width=8192))
+    assert streams_rows(open_scene(scene), numpy_bundle(classes=4).meta, PredictOptions(chunk_width=8192))
     live, after = _layers(tmp_path / "8192.gpkg"), _layers(tmp_path / "40.gpkg")
     assert live.keys() == after.keys() == {"class1", "class2", "class3"}
     for name in live:

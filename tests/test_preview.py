@@ -96,7 +96,7 @@ def test_predict_preview_from_the_cli(tmp_path):
 
 
 def test_change_preview_shows_what_appeared_and_disappeared(tmp_path):
-    from geoseg.change import CHANGE_COLORS, APPEARED, DISAPPEARED
+    from geoseg.workflows.change import CHANGE_COLORS, APPEARED, DISAPPEARED
 
     ids0 = np.zeros((120, 160), np.uint8)
     ids0[60:100, 10:60] = 1  # disappears

@@ -15,7 +15,7 @@ from geoseg.errors import BundleError, InputError
 from geoseg.models.bundle import BundleMeta
 from geoseg.inference.options import PredictOptions
 from geoseg.inference.scales import decide, merge_probs, scale_grids
-from geoseg.predict import predict
+from geoseg.workflows.predict import predict
 from geoseg.scene import at_gsd, open_scene
 from geoseg.zooms import parse_scales
 from tests.conftest import write_raster
@@ -207,7 +207,7 @@ def test_cli_refuses_zooms_without_1_in_one_line(tmp_path, fine_scene):
 
 
 def test_change_segments_both_dates_at_the_models_zooms_and_records_them(tmp_path, fine_scene):
-    from geoseg.change import change
+    from geoseg.workflows.change import change
     from geoseg.outputs import read_run_metadata
 
     path, _, _ = fine_scene
@@ -221,7 +221,7 @@ def test_change_segments_both_dates_at_the_models_zooms_and_records_them(tmp_pat
 
 
 def test_evaluate_scores_the_merged_classes_and_names_the_zooms(tmp_path, fine_scene):
-    from geoseg.evaluate import evaluate
+    from geoseg.workflows.evaluate import evaluate
 
     path, labels, hole = fine_scene
     truth = write_raster(tmp_path / "truth.tif", labels.astype("uint8")[None], transform=FINE)
@@ -236,7 +236,7 @@ def test_evaluate_scores_the_merged_classes_and_names_the_zooms(tmp_path, fine_s
 
 
 def test_change_records_the_zooms_each_date_ran_not_the_models(tmp_path, fine_scene):
-    from geoseg.change import change
+    from geoseg.workflows.change import change
     from geoseg.outputs import read_run_metadata
 
     path, labels, _ = fine_scene

@@ -6,7 +6,7 @@ import rasterio
 
 from geoseg.models.bundle import load_bundle
 from geoseg.inference.options import PredictOptions
-from geoseg.predict import predict
+from geoseg.workflows.predict import predict
 from tests.conftest import shared
 from tests.testmodels import random_unet_bundle
 

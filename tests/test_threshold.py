@@ -15,7 +15,7 @@ from geoseg.cli import cli
 from geoseg.errors import InputError
 from geoseg.models.bundle import Bundle, BundleError, BundleMeta, ClassInfo
 from geoseg.inference.options import PredictOptions
-from geoseg.predict import predict
+from geoseg.workflows.predict import predict
 from tests.conftest import write_raster
 from tests.testmodels import onehot_meta
 
@@ -79,7 +79,7 @@ def test_one_number_applies_to_every_class_but_background():
 
 
 def test_change_decides_a_probabilities_raster_as_predict_did(tmp_path):
-    from geoseg.change import Aligned, common_grid, detect_input
+    from geoseg.workflows.change import Aligned, common_grid, detect_input
 
     classes, _, _ = run_ramp(tmp_path, ramp_bundle(0.3))
     date = detect_input(tmp_path / "p.tif", "AFTER")

@@ -50,8 +50,8 @@ def change(ctx: click.Context, before: str, after: str, output: str, model: str 
     geoseg change 2019_classes.tif 2024_probs.tif -o changes.gpkg --raster-out changes.tif --min-area 20
     geoseg change 2019.tif 2024.tif -o district_changes.gpkg --aoi district_boundary.geojson
     """
-    from geoseg.change import ChangeOptions
-    from geoseg.change import change as run
+    from geoseg.workflows.change import ChangeOptions
+    from geoseg.workflows.change import change as run
 
     names = tuple(n.strip() for n in class_names.split(",")) if class_names is not None else None
     options = ChangeOptions(min_area=min_area, margin=margin, tolerance=tolerance, classes=names)

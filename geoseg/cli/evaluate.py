@@ -55,7 +55,7 @@ def evaluate(ctx: click.Context, scene: str, labels: str, model: str | None, lab
     geoseg evaluate scene.tif classes.tif --model landcover --label-values 0=ignore,1=building,2=background,3=road
     geoseg evaluate scene.tif osm_buildings.gpkg --aoi mapped_area.geojson   # labels complete only there
     """
-    from geoseg.evaluate import evaluate as run
+    from geoseg.workflows.evaluate import evaluate as run
 
     options = pop_predict_options(inference)
     with StageBars("predict", quiet=bool(ctx.obj.get("quiet")), units={"score": "row"}) as progress:

@@ -49,7 +49,7 @@ def predict(ctx: click.Context, scene: str, output: str, model: str | None, rast
     geoseg predict scene.tif -o out.gpkg --raster-out classes.tif --model my.keras
     geoseg predict mosaic.tif -o district.gpkg --aoi district_boundary.geojson
     """
-    from geoseg.predict import predict as run
+    from geoseg.workflows.predict import predict as run
 
     from geoseg.inference.options import parse_min_area
 

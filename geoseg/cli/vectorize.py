@@ -38,7 +38,7 @@ def vectorize(ctx: click.Context, classes: str, output: str, class_names: str | 
     geoseg vectorize landcover.tif -o lc.gpkg --sieve 4 --max-hole building=20 --simplify 1
     """
     from geoseg.inference.options import parse_min_area
-    from geoseg.vectorize import vectorize as run
+    from geoseg.workflows.vectorize import vectorize as run
 
     names = [n.strip() for n in class_names.split(",")] if class_names else None
     skips = [s.strip() for s in skip.split(",") if s.strip()] if skip is not None else None

@@ -13,5 +13,5 @@ The modules in the order the data flows through them:
 - ``segment``: the entry point, ``segment(scene, bundle, out_dir)``, that picks one of the above;
 - ``live``: strips handed on to a polygonizer running beside the model (``--polygonize live``).
 
-The whole predict job (outputs staged, polygons, COGs, run metadata) is ``geoseg.predict``.
+The whole predict job (outputs staged, polygons, COGs, run metadata) is ``geoseg.workflows.predict``.
 """

@@ -149,7 +149,7 @@ def detect_input(path: str | os.PathLike, role: str, *, classes: Sequence[str] |
     raster (one integer band with a ``class_names`` tag, or any such band when ``classes`` is
     given), or else a scene to segment. InputError for files that cannot be used."""
     from geoseg.scene import open_dataset, open_scene
-    from geoseg.vectorize import raster_classes
+    from geoseg.workflows.vectorize import raster_classes
 
     with open_dataset(path) as ds:
         descriptions = [d or "" for d in ds.descriptions]
@@ -517,7 +517,7 @@ def change(
     from geoseg.inference.options import check_options, scales_for, thresholds
     from geoseg.inference.segment import segment
     from geoseg.models.bundle import read_meta, release_keras, resolve_model, sha256_or_blank
-    from geoseg.predict import load_model_for
+    from geoseg.workflows.predict import load_model_for
     from geoseg.threads import Background
     from geoseg.zooms import zoom_text
 
