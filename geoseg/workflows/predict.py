@@ -189,8 +189,10 @@ def predict(
                         pass
                 raise
             if own_model:  # polygonizing does not need the model: give its memory back first
+                t0 = time.perf_counter()
                 bundle = dataclasses.replace(bundle, model=None)
                 release_keras()
+                timings["release"] = round(time.perf_counter() - t0, 3)
 
             t0 = time.perf_counter()
             if live_polygons is not None:
