@@ -24,7 +24,7 @@ LONGEST = 80  # lines of one function from its "def" (docstring included, decora
 LONG_FUNCTIONS = {
     "geoseg.training.train": 311,
     "geoseg.workflows.change.change": 225,
-    "geoseg.workflows.predict.predict": 211,
+    "geoseg.workflows.predict.predict": 210,
     "geoseg.workflows.vectorize.vectorize": 123,
     "geoseg.workflows.evaluate.evaluate_classes": 115,
     "geoseg.workflows.evaluate.evaluate": 108,
