@@ -72,15 +72,9 @@ def perimeter_m(geoms, crs) -> np.ndarray:
         return np.zeros(0, dtype=np.float64)
     if not needs_ellipsoid(crs):
         return shapely.length(geoms) * unit_m(crs)
-    lonlat = to_lonlat(geoms, crs)
-    parts, part_owner = shapely.get_parts(lonlat, return_index=True)
+    parts, part_owner = shapely.get_parts(to_lonlat(geoms, crs), return_index=True)
     rings, ring_part = shapely.get_rings(parts, return_index=True)
-    xy, ring_of_vertex = shapely.get_coordinates(rings, return_index=True)
-    same_ring = ring_of_vertex[1:] == ring_of_vertex[:-1]
-    a, b = xy[:-1][same_ring], xy[1:][same_ring]
-    _, _, dist = crs.get_geod().inv(a[:, 0], a[:, 1], b[:, 0], b[:, 1])
-    per_ring = np.bincount(ring_of_vertex[:-1][same_ring], weights=dist, minlength=len(rings))
-    return np.bincount(part_owner[ring_part], weights=per_ring, minlength=len(geoms))
+    return np.bincount(part_owner[ring_part], weights=_geodesic_lengths(rings, crs), minlength=len(geoms))
 
 
 def as_geometries(geoms) -> np.ndarray:
@@ -144,11 +138,15 @@ def line_length_m(geoms, crs) -> np.ndarray:
         return np.zeros(0, np.float64)
     if not needs_ellipsoid(crs):
         return shapely.length(geoms) * unit_m(crs)
-    lonlat = to_lonlat(geoms, crs)
-    parts, owner = shapely.get_parts(lonlat, return_index=True)
-    xy, part_of = shapely.get_coordinates(parts, return_index=True)
-    same = part_of[1:] == part_of[:-1]
+    parts, owner = shapely.get_parts(to_lonlat(geoms, crs), return_index=True)
+    return np.bincount(owner, weights=_geodesic_lengths(parts, crs), minlength=len(geoms))
+
+
+def _geodesic_lengths(lines: np.ndarray, crs: CRS) -> np.ndarray:
+    """Length in metres of each lon/lat linestring or ring of ``lines``, edge by edge along the
+    geodesic of ``crs``'s ellipsoid."""
+    xy, line_of = shapely.get_coordinates(lines, return_index=True)
+    same = line_of[1:] == line_of[:-1]
     a, b = xy[:-1][same], xy[1:][same]
     _, _, dist = crs.get_geod().inv(a[:, 0], a[:, 1], b[:, 0], b[:, 1])
-    per_part = np.bincount(part_of[:-1][same], weights=dist, minlength=len(parts))
-    return np.bincount(owner, weights=per_part, minlength=len(geoms))
+    return np.bincount(line_of[:-1][same], weights=dist, minlength=len(lines))
