@@ -796,51 +796,7 @@ def run_batch(
             executor.check(planned)
         report = BatchReport(str(manifest.path), str(root), executor.name, executor.workers, started)
         report_file = Path(report_path) if report_path else root / REPORT_FILE
-        entries = {job.id: _entry(job) for job in planned}
-        report.jobs = list(entries.values())
-        waiting = list(planned)
-        running: dict[Any, Job] = {}
-        finished = 0
-
-        def settle(job: Job, status: dict[str, Any]) -> None:
-            nonlocal finished
-            entries[job.id].update(_entry(job, status))
-            finished += 1
-            if progress:
-                progress(finished, len(planned))
-            if on_job:
-                on_job(entries[job.id])
-            report.seconds = round(time.perf_counter() - t0, 3)
-            _write_reports(report_file, report)
-
-        while waiting or running:
-            for job in list(waiting):
-                states = [entries[n]["status"] for n in job.needs]
-                if any(s in ("failed", "blocked") for s in states):
-                    waiting.remove(job)
-                    failed = [n for n in job.needs if entries[n]["status"] in ("failed", "blocked")]
-                    settle(job, {"status": "blocked", "seconds": 0.0, "error": f"needs {', '.join(failed)}, which failed"})
-                elif all(s in ("done", "current") for s in states):
-                    waiting.remove(job)
-                    if not job.error and is_current(job):  # nothing to do: no need to ship it to a worker
-                        settle(job, {"status": "current", "seconds": 0.0, "error": None})
-                    else:
-                        running[executor.submit(job)] = job
-            if not running:
-                continue
-            done = executor.wait(running)
-            for future in [f for f in running if f in done]:  # in the order they were submitted
-                job = running.pop(future)
-                try:
-                    status = future.result()
-                except Exception as exc:  # the worker died (KilledWorker, BrokenProcessPool) or the task was lost
-                    status = {"status": "failed", "seconds": None,
-                              "error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}
-                if status["status"] == "current":
-                    status = _made_by_this_run(job, status)
-                settle(job, status)
-                if status["status"] == "failed":
-                    log.error("%s failed: %s", job.id, status["error"])
+        _run_jobs(planned, executor, report, report_file, t0, progress, on_job)
         report.finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         report.seconds = round(time.perf_counter() - t0, 3)
         _write_reports(report_file, report)
@@ -849,3 +805,61 @@ def run_batch(
         if executor is not None:
             executor.close()
         lock.release()
+
+
+def _run_jobs(
+    planned: list[Job],
+    executor: Any,
+    report: BatchReport,
+    report_file: Path,
+    t0: float,
+    progress: Callable[[int, int], None] | None,
+    on_job: Callable[[dict[str, Any]], None] | None,
+) -> None:
+    """Submit each job once what it needs is done (block it when that failed), settle each as it
+    ends, in submission order, and rewrite the report after every one."""
+    entries = {job.id: _entry(job) for job in planned}
+    report.jobs = list(entries.values())
+    waiting = list(planned)
+    running: dict[Any, Job] = {}
+    finished = 0
+
+    def settle(job: Job, status: dict[str, Any]) -> None:
+        nonlocal finished
+        entries[job.id].update(_entry(job, status))
+        finished += 1
+        if progress:
+            progress(finished, len(planned))
+        if on_job:
+            on_job(entries[job.id])
+        report.seconds = round(time.perf_counter() - t0, 3)
+        _write_reports(report_file, report)
+
+    while waiting or running:
+        for job in list(waiting):
+            states = [entries[n]["status"] for n in job.needs]
+            if any(s in ("failed", "blocked") for s in states):
+                waiting.remove(job)
+                failed = [n for n in job.needs if entries[n]["status"] in ("failed", "blocked")]
+                settle(job, {"status": "blocked", "seconds": 0.0, "error": f"needs {', '.join(failed)}, which failed"})
+            elif all(s in ("done", "current") for s in states):
+                waiting.remove(job)
+                if not job.error and is_current(job):  # nothing to do: no need to ship it to a worker
+                    settle(job, {"status": "current", "seconds": 0.0, "error": None})
+                else:
+                    running[executor.submit(job)] = job
+        if not running:
+            continue
+        done = executor.wait(running)
+        for future in [f for f in running if f in done]:  # in the order they were submitted
+            job = running.pop(future)
+            try:
+                status = future.result()
+            except Exception as exc:  # the worker died (KilledWorker, BrokenProcessPool) or the task was lost
+                status = {"status": "failed", "seconds": None,
+                          "error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}
+            if status["status"] == "current":
+                status = _made_by_this_run(job, status)
+            settle(job, status)
+            if status["status"] == "failed":
+                log.error("%s failed: %s", job.id, status["error"])

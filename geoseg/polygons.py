@@ -272,13 +272,7 @@ def iter_polygons_of(
     for row0, _, cls in clean_strips(read, height=height, strip_rows=rows, valid_of=valid_of, cleanup=clean):
         h = cls.shape[0]
         valid = valid_of(cls)
-        unknown = np.unique(cls[valid & ((cls < 0) | (cls >= len(class_names)))])
-        if unknown.size:
-            raise InputError(
-                f"{source.name} holds class id(s) {unknown.tolist()} but only {len(class_names)} "
-                f"class names were given ({class_names}); pass a name for every id, or set "
-                "the raster's nodata value"
-            )
+        _check_class_ids(cls, valid, class_names, source.name)
         wanted = valid & kept[np.clip(cls, 0, len(class_names) - 1)]
         # Simplifying needs every class's pieces (they form the coverage); else only kept ones.
         labels, region_class = label_regions(cls, valid if clean.simplifies else wanted)
@@ -291,13 +285,7 @@ def iter_polygons_of(
             geoms, local = geoms[mine], local[mine]
             labels = np.where(wanted, labels, 0)
         if scored:
-            values = source.read_score(row0, row0 + h)
-            ok = labels > 0
-            if source.score_nodata is not None:
-                ok &= values != source.score_nodata
-            state.add_scores(base, np.bincount(labels[ok], weights=values[ok], minlength=n + 1)[1:],
-                             np.bincount(labels[ok], minlength=n + 1)[1:])
-            del values, ok
+            state.add_scores(base, *_score_sums(labels, source.read_score(row0, row0 + h), source.score_nodata, n))
         state.add_pieces(base + local, geoms)
         top = labels[0]
         if prev_row is not None:
@@ -315,6 +303,26 @@ def iter_polygons_of(
         for cid, gs, ss, cs in state.finish(open_ids):
             yield from _batch(cid, pixels_to_world(gs, transform), ss, cs, crs, limit, score_scale, scored)
         memory.release()  # the strip's temporaries are gone: give their pages back (geoseg.memory)
+
+
+def _check_class_ids(cls: np.ndarray, valid: np.ndarray, class_names: list[str], name: str) -> None:
+    """Refuse a strip holding a class id that has no name (outside 0 .. len(class_names) - 1)."""
+    unknown = np.unique(cls[valid & ((cls < 0) | (cls >= len(class_names)))])
+    if unknown.size:
+        raise InputError(
+            f"{name} holds class id(s) {unknown.tolist()} but only {len(class_names)} "
+            f"class names were given ({class_names}); pass a name for every id, or set "
+            "the raster's nodata value"
+        )
+
+
+def _score_sums(labels: np.ndarray, values: np.ndarray, score_nodata, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per region (local ids 1..n) the sum of the strip's scores and how many pixels had one."""
+    ok = labels > 0
+    if score_nodata is not None:
+        ok &= values != score_nodata
+    return (np.bincount(labels[ok], weights=values[ok], minlength=n + 1)[1:],
+            np.bincount(labels[ok], minlength=n + 1)[1:])
 
 
 def _trace(labels: np.ndarray, row0: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,13 +25,6 @@ LONG_FUNCTIONS = {
     "geoseg.training.train": 311,
     "geoseg.workflows.change.change": 225,
     "geoseg.workflows.predict.predict": 210,
-    "geoseg.workflows.vectorize.vectorize": 123,
-    "geoseg.workflows.evaluate.evaluate_classes": 115,
-    "geoseg.workflows.evaluate.evaluate": 108,
-    "geoseg.batch.run_batch": 99,
-    "geoseg.cli.train.train": 96,
-    "geoseg.models.bundle.BundleMeta.__post_init__": 91,
-    "geoseg.polygons.iter_polygons_of": 82,
 }
 
 

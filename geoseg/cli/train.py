@@ -182,8 +182,33 @@ def train(ctx: click.Context, config_path: str | None, **opts: Any) -> None:
     geoseg train --config configs/buildings.toml --resume
     geoseg train --images my.tif --labels my.gpkg --init-from buildings -o my_buildings.keras
     """
-    from geoseg.training import Augment, TrainConfig, read_config
     from geoseg.training import train as run
+
+    values, config = _option_values(ctx, config_path, opts)
+    output = values.pop("output")
+    if not output:
+        raise InputError("no output given; pass -o MODEL.keras (or output = \"...\" in --config)")
+    resume, overwrite, as_json = values.pop("resume"), values.pop("overwrite"), values.pop("as_json")
+    cfg = _train_config(ctx, values, config, output, resume)
+    bar = _TrainBar(quiet=bool(ctx.obj.get("quiet")))
+    try:
+        result = run(cfg, output, resume=resume, overwrite=overwrite, progress=bar)
+    except KeyboardInterrupt:
+        bar.close()
+        _interrupted(output)
+    finally:
+        bar.close()
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    logger().info("wrote %s (best epoch %d of %d, val IoU %s; %s) and %s in %.0f s", result.output, result.best_epoch,
+                  result.epochs_run, result.best_val_miou, result.stopped, result.log, result.seconds)
+
+
+def _option_values(ctx: click.Context, config_path: str | None, opts: dict[str, Any]) -> tuple[dict, dict]:
+    """The options as TrainConfig fields: --config's values where the command line left the default,
+    lists as tuples, comma lists split; and the config file's own values (to tell what it set)."""
+    from geoseg.training import read_config
 
     values = dict(opts)
     config: dict[str, Any] = {}
@@ -202,70 +227,70 @@ def train(ctx: click.Context, config_path: str | None, **opts: Any) -> None:
         values["class_weights"] = _floats(values["class_weights"], "--class-weights")
     if isinstance(values.get("sample_weights"), str):
         values["sample_weights"] = _floats(values["sample_weights"], "--sample-weights")
-    output = values.pop("output")
-    if not output:
-        raise InputError("no output given; pass -o MODEL.keras (or output = \"...\" in --config)")
-    resume, overwrite, as_json = values.pop("resume"), values.pop("overwrite"), values.pop("as_json")
-    aug_keys = [f for f in Augment.__dataclass_fields__]
-    augment = Augment(**{k: values.pop(k) for k in aug_keys})
     if isinstance(values.get("labelled_classes"), str):
         values["labelled_classes"] = tuple(v.strip() for v in values["labelled_classes"].split(",") if v.strip())
     elif values.get("labelled_classes") is None:
         values["labelled_classes"] = ()
     if isinstance(values.get("classes"), str):
         values["classes"] = tuple(v.strip() for v in values["classes"].split(",") if v.strip())
+    return values, config
+
+
+def _train_config(ctx: click.Context, values: dict[str, Any], config: dict, output: str, resume: bool) -> Any:
+    """The run's TrainConfig: with --resume the interrupted run's (only epochs, patience and
+    max_minutes may change), else these options, fine-tuning taking the starting model's network."""
+    from geoseg.training import Augment, TrainConfig
+
+    augment = Augment(**{k: values.pop(k) for k in Augment.__dataclass_fields__})
     if resume:  # the interrupted run's settings; only these may change (given here or in --config)
         from geoseg.training import resumed_config
 
         cfg = resumed_config(output)
         changes = {k: values[k] for k in ("epochs", "patience", "max_minutes")
                    if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None) or k in config}
-        cfg = dataclasses.replace(cfg, **changes)
-    else:
-        if values.get("init_from"):  # fine-tuning: the starting model's network unless told otherwise
-            from geoseg.training import architecture_of
+        return dataclasses.replace(cfg, **changes)
+    if values.get("init_from"):  # fine-tuning: the starting model's network unless told otherwise
+        from geoseg.training import architecture_of
 
-            for key, value in architecture_of(values["init_from"]).items():
-                if ctx.get_parameter_source(key) in (ParameterSource.DEFAULT, None) and key not in config:
-                    values[key] = value
-        cfg = TrainConfig(**values, augment=augment)
+        for key, value in architecture_of(values["init_from"]).items():
+            if ctx.get_parameter_source(key) in (ParameterSource.DEFAULT, None) and key not in config:
+                values[key] = value
+    return TrainConfig(**values, augment=augment)
 
-    quiet = bool(ctx.obj.get("quiet"))
-    bar = None
 
-    def progress(event: Any) -> None:
-        nonlocal bar
-        if bar is None:
+class _TrainBar:
+    """The training progress bar (steps of all epochs, the loss, the validation IoU), made on the first event."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar = None
+
+    def __call__(self, event: Any) -> None:
+        if self.bar is None:
             from tqdm import tqdm
 
-            bar = tqdm(total=event.epochs * event.steps, initial=(event.epoch - 1) * event.steps, desc="train",
-                       unit="step", file=sys.stderr, leave=False, disable=quiet or not sys.stderr.isatty(),
-                       dynamic_ncols=True)
+            self.bar = tqdm(total=event.epochs * event.steps, initial=(event.epoch - 1) * event.steps, desc="train",
+                            unit="step", file=sys.stderr, leave=False,
+                            disable=self.quiet or not sys.stderr.isatty(), dynamic_ncols=True)
         if event.kind == "step":
-            bar.update(1)
-            bar.set_postfix(epoch=f"{event.epoch}/{event.epochs}", loss=f"{event.loss:.4f}", refresh=False)
+            self.bar.update(1)
+            self.bar.set_postfix(epoch=f"{event.epoch}/{event.epochs}", loss=f"{event.loss:.4f}", refresh=False)
         else:
-            bar.set_postfix(epoch=f"{event.epoch}/{event.epochs}", loss=f"{event.loss:.4f}",
-                            val_iou=f"{event.metrics.get('val_miou', float('nan')):.3f}")
+            self.bar.set_postfix(epoch=f"{event.epoch}/{event.epochs}", loss=f"{event.loss:.4f}",
+                                 val_iou=f"{event.metrics.get('val_miou', float('nan')):.3f}")
 
-    try:
-        result = run(cfg, output, resume=resume, overwrite=overwrite, progress=progress)
-    except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
-        from geoseg.training import resume_dir_for
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
-        state = resume_dir_for(output)
-        if (state / "state.json").is_file():
-            click.echo(f"Error: interrupted; the last complete epoch is saved in {state}: continue with --resume", err=True)
-        else:
-            click.echo("Error: interrupted before the first epoch ended; nothing was written", err=True)
-        sys.exit(interrupt_code())
-    finally:
-        if bar is not None:
-            bar.close()
-    if as_json:
-        echo_json(result.to_dict())
-        return
-    logger().info("wrote %s (best epoch %d of %d, val IoU %s; %s) and %s in %.0f s", result.output, result.best_epoch,
-                  result.epochs_run, result.best_val_miou, result.stopped, result.log, result.seconds)
+
+def _interrupted(output: str) -> None:
+    """Ctrl-C: say what was kept (the last complete epoch, or nothing) and exit with the interrupt code."""
+    from geoseg.training import resume_dir_for
+
+    state = resume_dir_for(output)
+    if (state / "state.json").is_file():
+        click.echo(f"Error: interrupted; the last complete epoch is saved in {state}: continue with --resume", err=True)
+    else:
+        click.echo("Error: interrupted before the first epoch ended; nothing was written", err=True)
+    sys.exit(interrupt_code())

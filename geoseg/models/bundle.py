@@ -190,7 +190,13 @@ class BundleMeta:
     created: str = ""  # ISO-8601 UTC, filled by save_bundle when empty
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__
+        self._check_strings_and_version()
+        self._check_classes()
+        self._check_bands()
+        self._check_network_and_tiles()
+        self._check_scale_and_values()
+
+    def _check_strings_and_version(self) -> None:
         for name in ("name", "architecture", "description", "geoseg_version", "created"):
             if not isinstance(getattr(self, name), str):
                 raise _fail(f"{name} must be a string, got {getattr(self, name)!r}")
@@ -203,6 +209,7 @@ class BundleMeta:
                 f"{FORMAT_VERSION}); upgrade geoseg"
             )
 
+    def _check_classes(self) -> None:
         classes = tuple(
             c if isinstance(c, ClassInfo) else ClassInfo.from_dict(c)
             for c in _as_tuple("classes", self.classes)
@@ -212,7 +219,7 @@ class BundleMeta:
         names = [c.name for c in classes]
         if len(set(names)) != len(names):
             raise _fail(f"class names must be unique, got {names}")
-        set_(self, "classes", classes)
+        object.__setattr__(self, "classes", classes)
 
         background = tuple(
             _as_int("background class id", b, minimum=0) for b in _as_tuple("background", self.background)
@@ -222,8 +229,10 @@ class BundleMeta:
                 f"background class ids must be < {len(classes)} (the number of classes), "
                 f"got {list(background)}"
             )
-        set_(self, "background", background)
+        object.__setattr__(self, "background", background)
 
+    def _check_bands(self) -> None:
+        set_ = object.__setattr__
         bands = _as_tuple("bands", self.bands)
         if not bands or any(not isinstance(b, str) or not b for b in bands):
             raise _fail(f"bands must be a non-empty list of band names, got {self.bands!r}")
@@ -240,10 +249,11 @@ class BundleMeta:
         set_(self, "mean", mean)
         set_(self, "std", std)
 
+    def _check_network_and_tiles(self) -> None:
         if not isinstance(self.arch_config, dict):
             raise _fail(f"arch_config must be an object, got {self.arch_config!r}")
         try:  # keep it JSON-native (tuples -> lists) so that from_dict(to_dict(m)) == m
-            set_(self, "arch_config", json.loads(json.dumps(self.arch_config)))
+            object.__setattr__(self, "arch_config", json.loads(json.dumps(self.arch_config)))
         except (TypeError, ValueError) as exc:
             raise _fail(f"arch_config must be JSON-serialisable: {exc}") from None
 
@@ -255,6 +265,8 @@ class BundleMeta:
         if 2 * overlap >= tile:
             raise _fail(f"overlap {overlap} must be less than half of tile_size {tile}")
 
+    def _check_scale_and_values(self) -> None:
+        set_ = object.__setattr__
         if self.gsd is not None:
             gsd = _as_float("gsd", self.gsd)
             if gsd <= 0:

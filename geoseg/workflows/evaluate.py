@@ -441,9 +441,6 @@ def evaluate_classes(
     cm = ConfusionMatrix(n)
     boundaries = BoundaryCounter(n, boundary_tolerance_px)
     halo = boundaries.halo()
-    ignored = 0
-    invalid_strips: list[tuple[int, int]] = []  # strips where objects may lie on unscored pixels
-    truth_writer = None
     scratch = tempfile.TemporaryDirectory(prefix="geoseg-eval-") if objects and reader.kind == "raster" else None
     timings: dict[str, float] = {}
     try:
@@ -451,37 +448,11 @@ def evaluate_classes(
             if ds.shape != grid.shape or not ds.transform.almost_equals(grid.transform):
                 raise InputError(f"{class_path} ({ds.width}x{ds.height}) is not on the grid of the labels' "
                                  f"reader ({grid.width}x{grid.height}); open the LabelReader on that raster")
-            nodata = ds.nodata
-            if scratch is not None:  # raster labels: keep them on the grid, to polygonize the true objects
-                from geoseg.outputs import TiledTiffWriter
-
-                truth_writer = TiledTiffWriter(Path(scratch.name) / "truth.tif", width=ds.width, height=ds.height,
-                                               count=1, dtype="uint8", crs=ds.crs, transform=ds.transform,
-                                               nodata=IGNORE)
-            rows = strip_rows or _strip_rows(ds, halo)
-            for r0, r1, a, b in strips(ds.height, rows, halo):
-                pred = _read_rows(ds, a, b, nodata)
-                unknown = (pred >= n) & (pred != IGNORE)
-                if unknown.any():
-                    raise InputError(
-                        f"{class_path} holds class id(s) {np.unique(pred[unknown]).tolist()[:5]} but only {n} "
-                        f"classes are named ({', '.join(class_names)}); set its nodata value or name every class"
-                    )
-                truth = reader.read(a, b, 0, ds.width)
-                core = slice(r0 - a, r0 - a + (r1 - r0))
-                cm.update(pred[core], truth[core])
-                invalid = int(((pred[core] == IGNORE) | (truth[core] == IGNORE)).sum())
-                if invalid:
-                    ignored += invalid
-                    invalid_strips.append((r0, r1))
-                boundaries.update(pred, truth, top=r0 - a, bottom=b - r1)
-                if truth_writer is not None:
-                    truth_writer.write(truth[core], row_off=r0)
-                if progress:
-                    progress("score", r1, ds.height)
-        if truth_writer is not None:
-            truth_writer.close()
-            truth_writer = None
+            # raster labels are kept on the grid, to polygonize the true objects
+            ignored, invalid_strips = _score_pixels(ds, class_path, reader, cm, boundaries, class_names,
+                                                    rows=strip_rows or _strip_rows(ds, halo),
+                                                    truth_path=Path(scratch.name) / "truth.tif" if scratch else None,
+                                                    progress=progress)
         timings["pixels"] = round(time.perf_counter() - t_start, 3)
         if cm.matrix.sum() == 0:
             raise InputError(
@@ -491,18 +462,12 @@ def evaluate_classes(
         t0 = time.perf_counter()
         matches = {}
         if objects:
-            truth_objects = _true_objects(reader, grid, class_names, background,
-                                          Path(scratch.name) / "truth.tif" if scratch else None)
-            predicted_objects = _predicted_objects(class_path, class_names, background, min_area_m2)
-            if invalid_strips:
-                _drop_unscored(truth_objects, predicted_objects, class_path, reader, invalid_strips)
-            for c in range(n):
-                if c not in background:
-                    matches[c] = match_objects(predicted_objects[c], truth_objects[c], iou_threshold=iou_threshold)
+            matches = _match_classes(class_path, reader, grid, class_names, background,
+                                     Path(scratch.name) / "truth.tif" if scratch else None,
+                                     min_area_m2=min_area_m2, invalid_strips=invalid_strips,
+                                     iou_threshold=iou_threshold)
         timings["objects"] = round(time.perf_counter() - t0, 3)
     finally:
-        if truth_writer is not None:  # only when the scoring failed part-way: scratch, no check
-            truth_writer.close(complete=False)
         if scratch is not None:
             scratch.cleanup()
         if own_reader:
@@ -511,6 +476,68 @@ def evaluate_classes(
     return _result(cm, boundaries, matches, class_names=class_names, background=background,
                    labels=str(reader.path), class_path=str(class_path), ignored=ignored,
                    iou_threshold=iou_threshold, timings=timings)
+
+
+def _score_pixels(ds, class_path, reader: LabelReader, cm: ConfusionMatrix, boundaries: BoundaryCounter,
+                  class_names: list[str], *, rows: int, truth_path: Path | None, progress: Progress | None,
+                  ) -> tuple[int, list[tuple[int, int]]]:
+    """Count the class raster against the labels strip by strip (confusion and boundaries; the
+    labels written to ``truth_path`` on the raster's grid when given). Returns the pixels ignored
+    and the strips that held any: objects there may lie on unscored pixels."""
+    truth_writer = None
+    if truth_path is not None:
+        from geoseg.outputs import TiledTiffWriter
+
+        truth_writer = TiledTiffWriter(truth_path, width=ds.width, height=ds.height, count=1, dtype="uint8",
+                                       crs=ds.crs, transform=ds.transform, nodata=IGNORE)
+    try:
+        result = _count_strips(ds, class_path, reader, cm, boundaries, class_names, rows, truth_writer, progress)
+    except BaseException:
+        if truth_writer is not None:  # the scoring failed part-way: scratch, no check
+            truth_writer.close(complete=False)
+        raise
+    if truth_writer is not None:
+        truth_writer.close()
+    return result
+
+
+def _count_strips(ds, class_path, reader, cm, boundaries, class_names, rows, truth_writer, progress):
+    n = len(class_names)
+    ignored = 0
+    invalid_strips: list[tuple[int, int]] = []
+    for r0, r1, a, b in strips(ds.height, rows, boundaries.halo()):
+        pred = _read_rows(ds, a, b, ds.nodata)
+        unknown = (pred >= n) & (pred != IGNORE)
+        if unknown.any():
+            raise InputError(
+                f"{class_path} holds class id(s) {np.unique(pred[unknown]).tolist()[:5]} but only {n} "
+                f"classes are named ({', '.join(class_names)}); set its nodata value or name every class"
+            )
+        truth = reader.read(a, b, 0, ds.width)
+        core = slice(r0 - a, r0 - a + (r1 - r0))
+        cm.update(pred[core], truth[core])
+        invalid = int(((pred[core] == IGNORE) | (truth[core] == IGNORE)).sum())
+        if invalid:
+            ignored += invalid
+            invalid_strips.append((r0, r1))
+        boundaries.update(pred, truth, top=r0 - a, bottom=b - r1)
+        if truth_writer is not None:
+            truth_writer.write(truth[core], row_off=r0)
+        if progress:
+            progress("score", r1, ds.height)
+    return ignored, invalid_strips
+
+
+def _match_classes(class_path, reader: LabelReader, grid, class_names: list[str], background: list[int],
+                   truth_path: Path | None, *, min_area_m2, invalid_strips: list[tuple[int, int]],
+                   iou_threshold: float) -> dict[int, ObjectMatch]:
+    """Object matches per foreground class id: the predicted polygons against the true ones."""
+    truth_objects = _true_objects(reader, grid, class_names, background, truth_path)
+    predicted_objects = _predicted_objects(class_path, class_names, background, min_area_m2)
+    if invalid_strips:
+        _drop_unscored(truth_objects, predicted_objects, class_path, reader, invalid_strips)
+    return {c: match_objects(predicted_objects[c], truth_objects[c], iou_threshold=iou_threshold)
+            for c in range(len(class_names)) if c not in background}
 
 
 def _result(cm: ConfusionMatrix, boundaries: BoundaryCounter, matches: dict[int, ObjectMatch], *,
@@ -741,47 +768,20 @@ def evaluate(
     object matching, as in ``geoseg predict``. ``aoi``: score only inside these polygons (any
     vector file, any CRS; ``geoseg.aoi``), for labels that are complete only there.
     """
-    from geoseg.models.bundle import load_bundle, read_meta, resolve_model
-    from geoseg.inference.options import check_options, min_areas, thresholds
+    from geoseg.inference.options import check_options, min_areas
     from geoseg.inference.segment import segment
+    from geoseg.models.bundle import load_bundle
     from geoseg.zooms import zoom_text
-    from geoseg.scene import open_scene
 
     t_start = time.perf_counter()
     check_options(options)
     if not 0 < iou_threshold <= 1:
         raise InputError(f"the object IoU threshold must be in (0, 1], got {iou_threshold}")
-    info = open_scene(scene, bands=options.bands, assume_crs=options.assume_crs)
-    if aoi is not None:
-        from geoseg.aoi import restrict
-
-        info = restrict(info, aoi)
-    model_path = None
-    if bundle is None:
-        model_path = resolve_model(None if model is None else str(model))
-        meta = read_meta(model_path)  # no Keras yet: check the labels first
-    else:
-        meta = bundle.meta
+    info, model_path, meta = _open_and_check(scene, aoi, options, model, bundle)
     class_names = list(meta.class_names)
     min_area = min_areas(options, meta)
-    thresholds(options, meta)  # a bad --threshold fails before the model loads
-    from geoseg.inference.segment import check_scene_for
-
-    check_scene_for(info, meta, options)  # and so do bands, tiling and GSD
-    from geoseg.centrelines import road_class
-
-    if road_buffer_m is not None and not (math.isfinite(road_buffer_m) and road_buffer_m >= 0):
-        raise InputError(f"--road-buffer {road_buffer_m}: give a distance >= 0 in metres (0 turns road scores off)")
-    road_id = road_class(class_names, road_class_name)
-    if road_id is None and road_buffer_m:
-        raise InputError(f"--road-buffer {road_buffer_m:g} scores roads, but the model has no class named "
-                         f"{road_class_name!r} (classes: {', '.join(class_names)})")
-    if road_buffer_m is None:
-        road_buffer_m = DEFAULT_ROAD_BUFFER_M
-    if not road_buffer_m:
-        road_id = None
-    if label_values is not None:
-        value_map = parse_label_values(label_values, class_names)
+    road_id, road_buffer_m = _road_setting(road_buffer_m, class_names, road_class_name)
+    value_map = value_map if label_values is None else parse_label_values(label_values, class_names)
     timings: dict[str, float] = {}
     with LabelReader(labels, info, class_names=class_names, class_field=class_field,
                      line_width_m=line_width_m, value_map=value_map, label_class=label_class) as reader:
@@ -807,11 +807,51 @@ def evaluate(
                 timings["roads"] = round(time.perf_counter() - t0, 3)
     timings.update({f"score_{k}" if k != "total" else "score": v for k, v in result.timings_s.items()})
     timings["total"] = round(time.perf_counter() - t_start, 3)
-    result.scene = str(info.path)
-    result.labels = str(labels)
-    result.class_path = None  # it was temporary
+    result.scene, result.labels, result.class_path = str(info.path), str(labels), None  # it was temporary
     result.model = {"name": meta.name, "sha256": bundle.sha256, "path": str(bundle.path),
                     "scales": zoom_text(seg.scales)}
     result.tiles = seg.tiles
     result.timings_s = timings
     return result
+
+
+def _open_and_check(scene, aoi, options: PredictOptions, model, bundle) -> tuple:
+    """The scene (restricted to ``aoi``), the model's path (None for a given bundle) and its
+    metadata, read without Keras; the options checked against both before any model loads."""
+    from geoseg.inference.options import thresholds
+    from geoseg.inference.segment import check_scene_for
+    from geoseg.models.bundle import read_meta, resolve_model
+    from geoseg.scene import open_scene
+
+    info = open_scene(scene, bands=options.bands, assume_crs=options.assume_crs)
+    if aoi is not None:
+        from geoseg.aoi import restrict
+
+        info = restrict(info, aoi)
+    model_path = None
+    if bundle is None:
+        model_path = resolve_model(None if model is None else str(model))
+        meta = read_meta(model_path)  # no Keras yet: check the labels first
+    else:
+        meta = bundle.meta
+    thresholds(options, meta)  # a bad --threshold fails before the model loads
+    check_scene_for(info, meta, options)  # and so do bands, tiling and GSD
+    return info, model_path, meta
+
+
+def _road_setting(road_buffer_m: float | None, class_names: list[str], road_class_name: str,
+                  ) -> tuple[int | None, float]:
+    """The road class id to score (None: no road scores) and the buffer in metres (default 3 m)."""
+    from geoseg.centrelines import road_class
+
+    if road_buffer_m is not None and not (math.isfinite(road_buffer_m) and road_buffer_m >= 0):
+        raise InputError(f"--road-buffer {road_buffer_m}: give a distance >= 0 in metres (0 turns road scores off)")
+    road_id = road_class(class_names, road_class_name)
+    if road_id is None and road_buffer_m:
+        raise InputError(f"--road-buffer {road_buffer_m:g} scores roads, but the model has no class named "
+                         f"{road_class_name!r} (classes: {', '.join(class_names)})")
+    if road_buffer_m is None:
+        road_buffer_m = DEFAULT_ROAD_BUFFER_M
+    if not road_buffer_m:
+        road_id = None
+    return road_id, road_buffer_m

@@ -114,58 +114,14 @@ def vectorize(
     # none is the input, and this run is its only writer
     with claim_outputs({"-o": output}, inputs={"CLASSES": class_path}, overwrite=overwrite):
         names, colors = raster_classes(class_path, class_names)
-        skip_ids = set()
-        for item in ([0] if skip is None else skip):
-            if isinstance(item, int) or str(item).isdigit():
-                skip_ids.add(int(item))
-            elif item in names:
-                skip_ids.add(names.index(item))
-            else:
-                raise InputError(f"--skip {item!r} is not a class of {Path(class_path).name} ({', '.join(names)})")
-        areas = {n: 0.0 for n in names}
+        skip_ids = _skip_ids(skip, names, class_path)
         with rasterio.open(class_path) as ds:
             tags = ds.tags()  # geoseg predict writes the values it used (the model's, or its options')
-        tagged = tags.get("min_area_m2")
-        if tagged and min_area_m2 is None:
-            from geoseg.inference.options import parse_min_area
-
-            saved = parse_min_area(tagged)
-            areas.update({k: v for k, v in saved.items() if k in areas} if isinstance(saved, Mapping) else {})
-        if isinstance(min_area_m2, Mapping):
-            unknown = sorted(set(min_area_m2) - set(names))
-            if unknown:
-                raise InputError(f"--min-area names unknown class(es) {', '.join(unknown)}; the classes are {', '.join(names)}")
-            areas.update({k: float(v) for k, v in min_area_m2.items()})
-        elif min_area_m2 is not None:
-            areas = dict.fromkeys(names, float(min_area_m2))
-        if any(not v >= 0 for v in areas.values()):
-            raise InputError(f"--min-area must be >= 0 square metres, got {min_area_m2}")
-        from geoseg.cleanup import SETTINGS, Cleanup, parse_tagged, per_class
-
-        given = {"sieve_m2": sieve_m2, "max_hole_m2": max_hole_m2, "simplify_m": simplify_m}
-        cleanup = Cleanup(**{key: per_class(given[key], {n: parse_tagged(tags.get(key)).get(n, 0.0) for n in names},
-                                            option, unit) for key, (option, unit) in SETTINGS.items()})
+        areas = _min_areas(min_area_m2, names, tags)
+        cleanup = _cleanup_of({"sieve_m2": sieve_m2, "max_hole_m2": max_hole_m2, "simplify_m": simplify_m}, names, tags)
         layers = [n for i, n in enumerate(names) if i not in skip_ids]
-        line_options = centerline_options or roads.CentrelineOptions()
-        if centerlines is not False:
-            line_options.check()
-        if centerlines:
-            roads.road_class(names, line_options.class_name, required=True)  # fail before any work
-        if regularize:
-            from geoseg.inference.options import building_class
-
-            building = building_class(names)
-        meta = {
-            "geoseg_version": geoseg.__version__,
-            "command": "vectorize",
-            "source": str(Path(class_path).resolve()),
-            "source_sha256": file_sha256(class_path),
-            "class_names": ",".join(names),
-            "regularize": str(regularize).lower(),
-            "min_area_m2": ",".join(f"{k}={v:g}" for k, v in areas.items()),
-            **cleanup.metadata(names),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+        line_options = _checked_extras(centerline_options, centerlines, regularize, names)
+        meta = _run_metadata(class_path, names, regularize, areas, cleanup)
         done = 0
 
         def rows(n: int) -> None:
@@ -179,9 +135,7 @@ def vectorize(
             batches = polygons.iter_polygons(str(class_path), class_names=names, skip=skip_ids, min_area_m2=areas,
                                              progress=rows, cleanup=cleanup)
             if regularize:
-                with rasterio.open(class_path) as ds:
-                    pixel = abs(ds.transform.a)
-                batches = polygons.regularize_batches(batches, class_id=building, pixel=pixel)
+                batches = _regularized(batches, class_path, names)
             totals = outputs.write_polygon_stream(tmp, batches, class_names=names, layers=layers, crs=crs,
                                                   colors=dict(zip(names, colors)), metadata=meta,
                                                   columns={"building": polygons.REGULARIZE_COLUMNS} if regularize else None)
@@ -197,3 +151,91 @@ def vectorize(
                    **({"centerlines": round(centerline_s, 3)} if lines else {})},
         centerlines=lines,
     )
+
+
+def _skip_ids(skip: Sequence[str | int] | None, names: list[str], class_path) -> set[int]:
+    """The class ids left out (``skip`` by name or id; default class 0, the background)."""
+    ids = set()
+    for item in ([0] if skip is None else skip):
+        if isinstance(item, int) or str(item).isdigit():
+            ids.add(int(item))
+        elif item in names:
+            ids.add(names.index(item))
+        else:
+            raise InputError(f"--skip {item!r} is not a class of {Path(class_path).name} ({', '.join(names)})")
+    return ids
+
+
+def _min_areas(min_area_m2: float | Mapping[str, float] | None, names: list[str], tags: Mapping[str, str],
+               ) -> dict[str, float]:
+    """Each class's minimum polygon area: the option's (one value or per class), else the raster's
+    ``min_area_m2`` tag (predict's values), else 0."""
+    areas = {n: 0.0 for n in names}
+    tagged = tags.get("min_area_m2")
+    if tagged and min_area_m2 is None:
+        from geoseg.inference.options import parse_min_area
+
+        saved = parse_min_area(tagged)
+        areas.update({k: v for k, v in saved.items() if k in areas} if isinstance(saved, Mapping) else {})
+    if isinstance(min_area_m2, Mapping):
+        unknown = sorted(set(min_area_m2) - set(names))
+        if unknown:
+            raise InputError(f"--min-area names unknown class(es) {', '.join(unknown)}; the classes are {', '.join(names)}")
+        areas.update({k: float(v) for k, v in min_area_m2.items()})
+    elif min_area_m2 is not None:
+        areas = dict.fromkeys(names, float(min_area_m2))
+    if any(not v >= 0 for v in areas.values()):
+        raise InputError(f"--min-area must be >= 0 square metres, got {min_area_m2}")
+    return areas
+
+
+def _cleanup_of(given: Mapping[str, object], names: list[str], tags: Mapping[str, str]):
+    """The clean-up settings: each one given (one value or per class), else the raster's tag of
+    the same name (predict's values), else 0 (off)."""
+    from geoseg.cleanup import SETTINGS, Cleanup, parse_tagged, per_class
+
+    return Cleanup(**{key: per_class(given[key], {n: parse_tagged(tags.get(key)).get(n, 0.0) for n in names},
+                                     option, unit) for key, (option, unit) in SETTINGS.items()})
+
+
+def _run_metadata(class_path, names: list[str], regularize: bool, areas: dict[str, float], cleanup) -> dict[str, str]:
+    """The GeoPackage's run metadata: what made it from which raster, with which settings."""
+    return {
+        "geoseg_version": geoseg.__version__,
+        "command": "vectorize",
+        "source": str(Path(class_path).resolve()),
+        "source_sha256": file_sha256(class_path),
+        "class_names": ",".join(names),
+        "regularize": str(regularize).lower(),
+        "min_area_m2": ",".join(f"{k}={v:g}" for k, v in areas.items()),
+        **cleanup.metadata(names),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _checked_extras(options, centerlines: bool | None, regularize: bool, names: list[str]):
+    """The centre-line settings, checked before any work, as is the class the extras need: the road
+    class with ``centerlines=True``, the building class with ``regularize``."""
+    from geoseg import centrelines as roads
+
+    line_options = options or roads.CentrelineOptions()
+    if centerlines is not False:
+        line_options.check()
+    if centerlines:
+        roads.road_class(names, line_options.class_name, required=True)  # fail before any work
+    if regularize:
+        from geoseg.inference.options import building_class
+
+        building_class(names)
+    return line_options
+
+
+def _regularized(batches, class_path, names: list[str]):
+    """The polygon stream with the building class's outlines squared (``geoseg.regularize``)."""
+    from geoseg import polygons
+    from geoseg.inference.options import building_class
+
+    building = building_class(names)
+    with rasterio.open(class_path) as ds:
+        pixel = abs(ds.transform.a)
+    return polygons.regularize_batches(batches, class_id=building, pixel=pixel)
