@@ -26,7 +26,7 @@ from pathlib import Path
 import rasterio
 
 from geoseg.errors import InputError
-from geoseg.scene import SceneInfo, crop, pixels_inside, window_of
+from geoseg.scene import SceneInfo, crop, open_scene, pixels_inside, window_of
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,13 @@ def read_area(path: str | os.PathLike, crs) -> object:
     if area.is_empty or not math.isfinite(area.area) or area.area <= 0:
         raise InputError(f"--aoi {p}: its polygons have no area in {crs}; check them in QGIS")
     return area
+
+
+def open_within(scene: str | os.PathLike, aoi: str | os.PathLike | None, *, bands=None,
+                assume_crs=None) -> SceneInfo:
+    """``open_scene(scene)``, restricted to the polygons of ``aoi`` when given (see :func:`restrict`)."""
+    info = open_scene(scene, bands=bands, assume_crs=assume_crs)
+    return info if aoi is None else restrict(info, aoi)
 
 
 def restrict(info: SceneInfo, path: str | os.PathLike, *, margin_m: float = 0.0) -> SceneInfo:

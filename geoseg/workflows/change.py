@@ -513,44 +513,136 @@ def change(
     ``progress(stage, done, total)`` is called with stages ``before``/``after`` (model tiles),
     ``compare`` and ``polygonize`` (rows of the common grid).
     """
-    from geoseg import outputs
-    from geoseg.inference.options import check_options, scales_for, thresholds
-    from geoseg.inference.segment import segment
-    from geoseg.models.bundle import read_meta, release_keras, resolve_model, sha256_or_blank
-    from geoseg.workflows.predict import load_model_for
-    from geoseg.threads import Background
-    from geoseg.zooms import zoom_text
-
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    if isinstance(options.classes, str):
-        options = replace(options, classes=tuple(c.strip() for c in options.classes.split(",")))
-    _check_options(options)
+    options = _checked(options)
+    _check_output_names(output, raster_out, preview)
+    dates, meta = _read_dates(before, after, options, predict_options, model, bundle)
+    names, colors, background = _class_setup(*dates, meta)
+    grid, tolerance, area, min_area = _comparison_grid(*dates, options, aoi)
+    # outputs before any heavy work: none is an input, and this run is their only writer
+    inputs = {"BEFORE": before, "AFTER": after, "--aoi": aoi,
+              "--model": model if model is not None and Path(str(model)).is_file() else None}
+    with claim_outputs({"-o": output, "--raster-out": raster_out, "--preview": preview}, inputs=inputs,
+                       overwrite=overwrite):
+        hashes = _hash_in_background(dates)
+
+        with Staging(overwrite=overwrite) as staging:
+            gpkg_tmp = staging.output(output)
+            raster_tmp = staging.output(raster_out) if raster_out else None
+            scratch = staging.scratch(output)
+            timings["prepare"] = round(time.perf_counter() - t_start, 3)
+            dates, model_info = _segment_scenes(dates, bundle, model, meta, predict_options, scratch,
+                                                aoi=aoi, margin_m=tolerance + 3 * max(grid.pixel_m),
+                                                progress=progress, timings=timings)
+            b, a = dates
+            has_probs = "probs" in (b.read_kind, a.read_kind)
+            code_path, conf_path, pixels = _compare_on_grid(b, a, grid, scratch, len(names), options, tolerance,
+                                                            area=area, has_probs=has_probs, progress=progress,
+                                                            timings=timings)
+
+            run_meta = _run_metadata(b, a, {role: h.result() for role, h in hashes.items()}, model_info,
+                                     predict_options, names=names, background=background, grid=grid,
+                                     tolerance=tolerance, margin=options.margin, min_area=min_area,
+                                     has_probs=has_probs, aoi=aoi)
+            t0 = time.perf_counter()
+            totals = _write_polygons(gpkg_tmp, code_path, conf_path, names=names,
+                                     colors=colors, background=background, crs=grid.crs, min_area=min_area,
+                                     metadata=run_meta, height=grid.height, progress=progress)
+            timings["polygonize"] = round(time.perf_counter() - t0, 3)
+            if raster_tmp:
+                _write_change_raster(raster_tmp, code_path, run_meta, names, colors, background, min_area)
+            if preview is not None:
+                _write_change_preview(staging.output(preview), code_path, b, a, names, colors, background,
+                                      bands=predict_options.bands, gsd_m=grid.pixel_m[0], timings=timings)
+            staging.commit()
+
+    timings["total"] = round(time.perf_counter() - t_start, 3)
+    outs = {key: str(path) for key, path in (("gpkg", output), ("raster", raster_out), ("preview", preview)) if path}
+    return ChangeResult(
+        before=str(before), after=str(after), kinds={"before": b.kind, "after": a.kind}, outputs=outs,
+        model=model_info, class_names=names, crs=grid.crs.to_string(), grid=_grid_summary(grid),
+        tolerance_m=round(tolerance, 6), margin=options.margin, min_area_m2=round(min_area, 6),
+        pixels=pixels, timings_s=timings, aoi=str(aoi) if aoi is not None else None,
+        **_areas_and_counts(totals, [nm for i, nm in enumerate(names) if i not in background]),
+    )
+
+
+def _grid_summary(grid: Grid) -> dict:
+    return {"width": grid.width, "height": grid.height, "transform": list(grid.transform)[:6],
+            "pixel_m": [round(v, 6) for v in grid.pixel_m]}
+
+
+def _areas_and_counts(totals: dict, layers: list[str]) -> dict[str, dict]:
+    """ChangeResult's gained_m2, lost_m2 and counts from {layer: {code: (count, area)}}."""
+    return {
+        "gained_m2": {nm: round(totals[nm][APPEARED][1], 3) for nm in layers},
+        "lost_m2": {nm: round(totals[nm][DISAPPEARED][1], 3) for nm in layers},
+        "counts": {nm: {c: totals[nm][c][0] for c in (APPEARED, DISAPPEARED)} for nm in layers},
+    }
+
+
+def _compare_on_grid(b: DateInput, a: DateInput, grid: Grid, scratch: Path, n: int, options: ChangeOptions,
+                     tolerance: float, *, area, has_probs: bool, progress: Progress | None,
+                     timings: dict[str, float]) -> tuple[Path, Path | None, dict]:
+    """The change codes (and, when a date has probabilities, the confidence) on the common grid,
+    written into ``scratch``; returns their paths and the pixel counts."""
+    t0 = time.perf_counter()
+    code_path, conf_path = scratch / "change.tif", (scratch / "confidence.tif" if has_probs else None)
+    pixels = _compare_dates(b, a, grid, code_path, conf_path, n=n, margin=options.margin, tolerance_m=tolerance,
+                            progress=progress, area=area)
+    timings["compare"] = round(time.perf_counter() - t0, 3)
+    return code_path, conf_path, pixels
+
+
+def _hash_in_background(dates: list[DateInput]) -> dict:
+    """Each date's file checksum, read by a background thread while the rest runs."""
+    from geoseg.models.bundle import sha256_or_blank
+    from geoseg.threads import Background
+
+    return {d.role: Background(sha256_or_blank, d.path) for d in dates}
+
+
+def _check_output_names(output, raster_out, preview) -> None:
+    """Each output's name says its format: .gpkg, .tif for the change raster, .png for the quick look."""
     if Path(output).suffix.lower() != ".gpkg":
         raise InputError(f"-o {output}: the change polygons go to a GeoPackage; use a name ending in .gpkg")
     if raster_out is not None and Path(raster_out).suffix.lower() not in (".tif", ".tiff"):
         raise InputError(f"--raster-out {raster_out}: the change raster is a GeoTIFF; use a name ending in .tif")
     if preview is not None and Path(preview).suffix.lower() != ".png":
         raise InputError(f"--preview {preview}: the quick look is a PNG; use a name ending in .png")
+
+
+def _read_dates(before, after, options: ChangeOptions, predict_options: PredictOptions, model, bundle,
+                ) -> tuple[list[DateInput], Any]:
+    """What each date is (a scene, a class raster, a probabilities raster) and, when one is a
+    scene, the model's metadata (None otherwise), every option and scene checked against it
+    before any model loads; scenes take the model's class names and colours."""
+    from geoseg.inference.options import check_options, thresholds
+    from geoseg.models.bundle import read_meta, resolve_model
+
     dates = [detect_input(p, role, classes=options.classes, predict_options=predict_options)
              for p, role in ((before, "BEFORE"), (after, "AFTER"))]
     scenes = [d for d in dates if d.kind == "scene"]
-    meta = None
-    if scenes:
-        check_options(predict_options)
-        meta = bundle.meta if bundle is not None else read_meta(resolve_model(None if model is None else str(model)))
-        thresholds(predict_options, meta)  # a bad --threshold fails before any work
-        from geoseg.inference.segment import check_scene_for
-        from geoseg.scene import open_scene
+    if not scenes:
+        if model is not None or bundle is not None:
+            log.warning("--model is not used: both dates are rasters from earlier runs")
+        return dates, None
+    check_options(predict_options)
+    meta = bundle.meta if bundle is not None else read_meta(resolve_model(None if model is None else str(model)))
+    thresholds(predict_options, meta)  # a bad --threshold fails before any work
+    from geoseg.inference.segment import check_scene_for
+    from geoseg.scene import open_scene
 
-        for d in scenes:  # and so do each scene's bands, the tiling and the GSD
-            check_scene_for(open_scene(d.path, bands=predict_options.bands, assume_crs=predict_options.assume_crs),
-                            meta, predict_options)
-        dates = [replace(d, class_names=tuple(meta.class_names), colors=tuple(tuple(c) for c in meta.colors))
-                 if d.kind == "scene" else d for d in dates]
-    elif model is not None or bundle is not None:
-        log.warning("--model is not used: both dates are rasters from earlier runs")
-    b, a = dates
+    for d in scenes:  # and so do each scene's bands, the tiling and the GSD
+        check_scene_for(open_scene(d.path, bands=predict_options.bands, assume_crs=predict_options.assume_crs),
+                        meta, predict_options)
+    return [replace(d, class_names=tuple(meta.class_names), colors=tuple(tuple(c) for c in meta.colors))
+            if d.kind == "scene" else d for d in dates], meta
+
+
+def _class_setup(b: DateInput, a: DateInput, meta) -> tuple[list[str], Any, set[int]]:
+    """The classes both dates share, their colours and the background ids (refused: one class, too many)."""
     _same_classes(b, a)
     names = list(b.class_names)
     n = len(names)
@@ -559,6 +651,12 @@ def change(
     transition_table(n)  # refuses too many classes before any work
     colors = next((d.colors for d in (b, a) if d.kind == "scene"), None) or b.colors or a.colors or _palette(n)
     background = set(meta.background) if meta is not None else {0}
+    return names, colors, background
+
+
+def _comparison_grid(b: DateInput, a: DateInput, options: ChangeOptions, aoi) -> tuple[Grid, float, Any, float]:
+    """The common grid (shrunk to ``aoi`` with a margin for the tolerance), the tolerance in metres,
+    the area's polygons (None without ``aoi``) and the minimum polygon area in m² (default 4 pixels)."""
     grid = common_grid(b, a)
     tolerance = _tolerance(options, grid)
     area = None
@@ -568,150 +666,135 @@ def change(
         area = read_area(aoi, grid.crs)
         grid = _grid_within(grid, area, margin_px=math.ceil(tolerance / min(grid.pixel_m)) + 2, aoi=aoi)
     min_area = options.min_area if options.min_area is not None else DEFAULT_MIN_AREA_PX * grid.pixel_m[0] * grid.pixel_m[1]
-    # outputs before any heavy work: none is an input, and this run is their only writer
-    inputs = {"BEFORE": before, "AFTER": after, "--aoi": aoi,
-              "--model": model if model is not None and Path(str(model)).is_file() else None}
-    with claim_outputs({"-o": output, "--raster-out": raster_out, "--preview": preview}, inputs=inputs,
-                       overwrite=overwrite):
-        log.info("comparing on %s, %d x %d pixels of %.3g x %.3g m; tolerance %.3g m, margin %g, min area %.3g m²",
-                 grid.crs.to_string(), grid.width, grid.height, *grid.pixel_m, tolerance, options.margin, min_area)
-        hashes = {d.role: Background(sha256_or_blank, d.path) for d in dates}
+    log.info("comparing on %s, %d x %d pixels of %.3g x %.3g m; tolerance %.3g m, margin %g, min area %.3g m²",
+             grid.crs.to_string(), grid.width, grid.height, *grid.pixel_m, tolerance, options.margin, min_area)
+    return grid, tolerance, area, min_area
 
-        with Staging(overwrite=overwrite) as staging:
-            gpkg_tmp = staging.output(output)
-            raster_tmp = staging.output(raster_out) if raster_out else None
-            scratch = staging.scratch(output)
-            timings["prepare"] = round(time.perf_counter() - t_start, 3)
-            if scenes:
-                own_model = bundle is None
-                t0 = time.perf_counter()
-                if own_model:
-                    bundle = load_model_for(model, predict_options)
-                    timings["load_model"] = round(time.perf_counter() - t0, 3)
-                t0 = time.perf_counter()
-                ran: dict[str, list[float]] = {}  # the zooms each date ran (one finer than its pixels is left out)
-                for i, d in enumerate(dates):
-                    if d.kind != "scene":
-                        continue
-                    from geoseg.scene import open_scene
 
-                    info = open_scene(d.path, bands=predict_options.bands, assume_crs=predict_options.assume_crs)
-                    if aoi is not None:  # segment the area and a rim around it: context for the tolerance
-                        from geoseg.aoi import restrict
+def _segment_scenes(dates: list[DateInput], bundle, model, meta, predict_options: PredictOptions, scratch: Path,
+                    *, aoi, margin_m: float, progress: Progress | None, timings: dict[str, float],
+                    ) -> tuple[list[DateInput], dict | None]:
+    """Segment each date that is a scene (probabilities into ``scratch``), with ``bundle`` or the
+    model loaded here and released after. Returns the dates, now read from those probabilities, and
+    the model's run information (with the zooms each date ran); both as given when ``meta`` is None
+    (no date is a scene)."""
+    if meta is None:
+        return dates, None
+    from geoseg.inference.options import scales_for, thresholds
+    from geoseg.inference.segment import segment
+    from geoseg.models.bundle import release_keras
+    from geoseg.scene import open_scene
+    from geoseg.workflows.predict import load_model_for
+    from geoseg.zooms import zoom_text
 
-                        info = restrict(info, aoi, margin_m=tolerance + 3 * max(grid.pixel_m))
-                    folder = scratch / d.role.lower()
-                    folder.mkdir()
-                    stage = d.role.lower()
-                    seg = segment(info, bundle, folder, options=predict_options, probs=True,
-                                  progress=(lambda done, total, s=stage: progress(s, done, total)) if progress else None)
-                    dates[i] = replace(d, read_path=str(seg.probs_path), read_kind="probs",
-                                       thresholds=tuple(thresholds(predict_options, meta).values()))
-                    ran[d.role] = seg.scales
-                timings["segment"] = round(time.perf_counter() - t0, 3)
-                texts = {role: zoom_text(z) for role, z in ran.items()}
-                multi = any(len(z) > 1 for z in ran.values())
-                model_info = {"name": meta.name, "sha256": bundle.sha256, "path": str(bundle.path),
-                              "precision": bundle.precision,
-                              "scales": (next(iter(texts.values())) if len(set(texts.values())) == 1
-                                         else "; ".join(f"{role.lower()} {t}" for role, t in texts.items())),
-                              **({"scale_merge": scales_for(predict_options, meta)[1]} if multi else {})}
-                if own_model:  # the rest does not need the model: give its memory back
-                    bundle = None
-                    release_keras()
-            else:
-                model_info = None
-            b, a = dates
+    dates = list(dates)
+    own_model = bundle is None
+    t0 = time.perf_counter()
+    if own_model:
+        bundle = load_model_for(model, predict_options)
+        timings["load_model"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    ran: dict[str, list[float]] = {}  # the zooms each date ran (one finer than its pixels is left out)
+    for i, d in enumerate(dates):
+        if d.kind != "scene":
+            continue
+        info = open_scene(d.path, bands=predict_options.bands, assume_crs=predict_options.assume_crs)
+        if aoi is not None:  # segment the area and a rim around it: context for the tolerance
+            from geoseg.aoi import restrict
 
-            t0 = time.perf_counter()
-            code_path, conf_path = scratch / "change.tif", scratch / "confidence.tif"
-            has_probs = "probs" in (b.read_kind, a.read_kind)
-            pixels = _compare_dates(b, a, grid, code_path, conf_path if has_probs else None, n=n,
-                                    margin=options.margin, tolerance_m=tolerance, progress=progress, area=area)
-            timings["compare"] = round(time.perf_counter() - t0, 3)
+            info = restrict(info, aoi, margin_m=margin_m)
+        folder = scratch / d.role.lower()
+        folder.mkdir()
+        stage = d.role.lower()
+        seg = segment(info, bundle, folder, options=predict_options, probs=True,
+                      progress=(lambda done, total, s=stage: progress(s, done, total)) if progress else None)
+        dates[i] = replace(d, read_path=str(seg.probs_path), read_kind="probs",
+                           thresholds=tuple(thresholds(predict_options, meta).values()))
+        ran[d.role] = seg.scales
+    timings["segment"] = round(time.perf_counter() - t0, 3)
+    texts = {role: zoom_text(z) for role, z in ran.items()}
+    multi = any(len(z) > 1 for z in ran.values())
+    model_info = {"name": meta.name, "sha256": bundle.sha256, "path": str(bundle.path),
+                  "precision": bundle.precision,
+                  "scales": (next(iter(texts.values())) if len(set(texts.values())) == 1
+                             else "; ".join(f"{role.lower()} {t}" for role, t in texts.items())),
+                  **({"scale_merge": scales_for(predict_options, meta)[1]} if multi else {})}
+    if own_model:  # the rest does not need the model: give its memory back
+        bundle = None
+        release_keras()
+    return dates, model_info
 
-            run_meta = {
-                "geoseg_version": geoseg.__version__,
-                "command": "change",
-                "before": str(Path(b.path).resolve()),
-                "before_kind": b.kind,
-                "before_sha256": hashes["BEFORE"].result(),
-                "after": str(Path(a.path).resolve()),
-                "after_kind": a.kind,
-                "after_sha256": hashes["AFTER"].result(),
-                **({"aoi": str(Path(aoi).resolve())} if aoi is not None else {}),
-                **({"model_name": model_info["name"], "model_sha256": model_info["sha256"],
-                    "model_path": model_info["path"], "tile_size": str(predict_options.tile_size or ""),
-                    "overlap": str("" if predict_options.overlap is None else predict_options.overlap),
-                    "batch_size": str(predict_options.batch_size), "blend": predict_options.blend,
-                    "precision": model_info["precision"], "gsd": predict_options.gsd, "tta": predict_options.tta,
-                    **{k: model_info[k] for k in ("scales", "scale_merge") if k in model_info}}
-                   if model_info else {}),
-                "class_names": ",".join(names),
-                "background": ",".join(names[i] for i in sorted(background)),
-                "crs": grid.crs.to_string(),
-                "resolution": f"{grid.transform.a:.12g},{-grid.transform.e:.12g}",
-                "size": f"{grid.width}x{grid.height}",
-                "tolerance_m": f"{tolerance:g}",
-                "margin": f"{options.margin:g}",
-                "min_area_m2": f"{min_area:g}",
-                "confidence": ("mean over the polygon of min(p_before(from_class), p_after(to_class)); a date "
-                               "given as a class raster counts as probability 1" if has_probs else
-                               "none: both dates are class rasters"),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-            t0 = time.perf_counter()
-            totals = _write_polygons(gpkg_tmp, code_path, conf_path if has_probs else None, names=names,
-                                     colors=colors, background=background, crs=grid.crs, min_area=min_area,
-                                     metadata=run_meta, height=grid.height, progress=progress)
-            timings["polygonize"] = round(time.perf_counter() - t0, 3)
-            labels = ["no change"] + [f"{names[i]} → {names[j]}" for i, j in transitions(n)[1:]]
-            ccolors = code_colors(names, colors, background)
-            if raster_tmp:
-                outputs.write_cog(
-                    code_path, raster_tmp,
-                    colormap=outputs.class_colormap(ccolors, nodata=CODE_NODATA),
-                    band_descriptions=["change"],
-                    tags={**run_meta, "class_names": ",".join(code_names(names)), "source_class_names": ",".join(names),
-                          "change_codes": ",".join(f"{k}={v}" for k, v in enumerate(code_names(names))),
-                          "min_area_m2": f"{min_area:g}"},
-                )
-                outputs.write_raster_qml(raster_tmp.with_suffix(".qml"), class_names=labels, colors=ccolors,
-                                         transparent={0})
-            if preview is not None:
-                from geoseg.preview import write_preview
 
-                t0 = time.perf_counter()
-                quiet = {0} | {k for k, (i, j) in enumerate(transitions(n)) if i in background and j in background}
-                # the legend in words (and ASCII: the picture's font has no arrow)
-                said = ["no change"] + [f"{names[j]} appeared" if i in background else f"{names[i]} disappeared"
-                                        if j in background else f"{names[i]} -> {names[j]}" for i, j in transitions(n)[1:]]
-                under = next((d for d in (a, b) if d.kind == "scene"), a)
-                write_preview(staging.output(preview), under.path, code_path, class_names=said, colors=ccolors,
-                              hidden=quiet, nodata=CODE_NODATA, bands=predict_options.bands if under.kind == "scene" else None,
-                              gsd_m=grid.pixel_m[0])
-                timings["preview"] = round(time.perf_counter() - t0, 3)
-            staging.commit()
+def _run_metadata(b: DateInput, a: DateInput, hashes: dict[str, str], model_info: dict | None,
+                  predict_options: PredictOptions, *, names: list[str], background: set[int], grid: Grid,
+                  tolerance: float, margin: float, min_area: float, has_probs: bool, aoi) -> dict[str, str]:
+    """The run's provenance, written into the GeoPackage and the change raster's tags."""
+    return {
+        "geoseg_version": geoseg.__version__,
+        "command": "change",
+        "before": str(Path(b.path).resolve()),
+        "before_kind": b.kind,
+        "before_sha256": hashes["BEFORE"],
+        "after": str(Path(a.path).resolve()),
+        "after_kind": a.kind,
+        "after_sha256": hashes["AFTER"],
+        **({"aoi": str(Path(aoi).resolve())} if aoi is not None else {}),
+        **({"model_name": model_info["name"], "model_sha256": model_info["sha256"],
+            "model_path": model_info["path"], "tile_size": str(predict_options.tile_size or ""),
+            "overlap": str("" if predict_options.overlap is None else predict_options.overlap),
+            "batch_size": str(predict_options.batch_size), "blend": predict_options.blend,
+            "precision": model_info["precision"], "gsd": predict_options.gsd, "tta": predict_options.tta,
+            **{k: model_info[k] for k in ("scales", "scale_merge") if k in model_info}}
+           if model_info else {}),
+        "class_names": ",".join(names),
+        "background": ",".join(names[i] for i in sorted(background)),
+        "crs": grid.crs.to_string(),
+        "resolution": f"{grid.transform.a:.12g},{-grid.transform.e:.12g}",
+        "size": f"{grid.width}x{grid.height}",
+        "tolerance_m": f"{tolerance:g}",
+        "margin": f"{margin:g}",
+        "min_area_m2": f"{min_area:g}",
+        "confidence": ("mean over the polygon of min(p_before(from_class), p_after(to_class)); a date "
+                       "given as a class raster counts as probability 1" if has_probs else
+                       "none: both dates are class rasters"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
-    timings["total"] = round(time.perf_counter() - t_start, 3)
-    layers = [nm for i, nm in enumerate(names) if i not in background]
-    outs = {"gpkg": str(output)}
-    if raster_out:
-        outs["raster"] = str(raster_out)
-    if preview:
-        outs["preview"] = str(preview)
-    return ChangeResult(
-        before=str(before), after=str(after), kinds={"before": b.kind, "after": a.kind}, outputs=outs,
-        model=model_info, class_names=names, crs=grid.crs.to_string(),
-        grid={"width": grid.width, "height": grid.height, "transform": list(grid.transform)[:6],
-              "pixel_m": [round(v, 6) for v in grid.pixel_m]},
-        tolerance_m=round(tolerance, 6), margin=options.margin, min_area_m2=round(min_area, 6),
-        gained_m2={nm: round(totals[nm][APPEARED][1], 3) for nm in layers},
-        lost_m2={nm: round(totals[nm][DISAPPEARED][1], 3) for nm in layers},
-        counts={nm: {c: totals[nm][c][0] for c in (APPEARED, DISAPPEARED)} for nm in layers},
-        pixels=pixels, timings_s=timings, aoi=str(aoi) if aoi is not None else None,
+
+def _write_change_raster(path: Path, code_path: Path, run_meta: dict[str, str], names: list[str], colors,
+                         background: set[int], min_area: float) -> None:
+    """The change codes as a COG with their colour table, names in the tags and a QGIS style."""
+    from geoseg import outputs
+
+    n = len(names)
+    labels = ["no change"] + [f"{names[i]} → {names[j]}" for i, j in transitions(n)[1:]]
+    ccolors = code_colors(names, colors, background)
+    outputs.write_cog(
+        code_path, path,
+        colormap=outputs.class_colormap(ccolors, nodata=CODE_NODATA),
+        band_descriptions=["change"],
+        tags={**run_meta, "class_names": ",".join(code_names(names)), "source_class_names": ",".join(names),
+              "change_codes": ",".join(f"{k}={v}" for k, v in enumerate(code_names(names))),
+              "min_area_m2": f"{min_area:g}"},
     )
+    outputs.write_raster_qml(path.with_suffix(".qml"), class_names=labels, colors=ccolors, transparent={0})
 
+
+def _write_change_preview(path: Path, code_path: Path, b: DateInput, a: DateInput, names: list[str], colors,
+                          background: set[int], *, bands, gsd_m: float, timings: dict[str, float]) -> None:
+    """The quick look: what appeared and disappeared, over AFTER (over BEFORE when only it is a scene)."""
+    from geoseg.preview import write_preview
+
+    t0 = time.perf_counter()
+    n = len(names)
+    quiet = {0} | {k for k, (i, j) in enumerate(transitions(n)) if i in background and j in background}
+    # the legend in words (and ASCII: the picture's font has no arrow)
+    said = ["no change"] + [f"{names[j]} appeared" if i in background else f"{names[i]} disappeared"
+                            if j in background else f"{names[i]} -> {names[j]}" for i, j in transitions(n)[1:]]
+    under = next((d for d in (a, b) if d.kind == "scene"), a)
+    write_preview(path, under.path, code_path, class_names=said, colors=code_colors(names, colors, background),
+                  hidden=quiet, nodata=CODE_NODATA, bands=bands if under.kind == "scene" else None, gsd_m=gsd_m)
+    timings["preview"] = round(time.perf_counter() - t0, 3)
 
 def _grid_within(grid: Grid, area, *, margin_px: int, aoi) -> Grid:
     """The part of ``grid`` that covers ``area`` (polygons in its CRS) and ``margin_px`` pixels more
@@ -745,6 +828,14 @@ def _looks_like_classes(ds, n: int) -> tuple[bool, int]:
         values = values[values != ds.nodata]
     top = int(values.max()) if values.size else 0
     return (values.size == 0 or (int(values.min()) >= 0 and top < n)), top
+
+
+def _checked(options: ChangeOptions) -> ChangeOptions:
+    """The options with ``classes`` given as one comma-separated string split; bad values refused."""
+    if isinstance(options.classes, str):
+        options = replace(options, classes=tuple(c.strip() for c in options.classes.split(",")))
+    _check_options(options)
+    return options
 
 
 def _check_options(options: ChangeOptions) -> None:

@@ -820,14 +820,10 @@ def _open_and_check(scene, aoi, options: PredictOptions, model, bundle) -> tuple
     metadata, read without Keras; the options checked against both before any model loads."""
     from geoseg.inference.options import thresholds
     from geoseg.inference.segment import check_scene_for
+    from geoseg.aoi import open_within
     from geoseg.models.bundle import read_meta, resolve_model
-    from geoseg.scene import open_scene
 
-    info = open_scene(scene, bands=options.bands, assume_crs=options.assume_crs)
-    if aoi is not None:
-        from geoseg.aoi import restrict
-
-        info = restrict(info, aoi)
+    info = open_within(scene, aoi, bands=options.bands, assume_crs=options.assume_crs)
     model_path = None
     if bundle is None:
         model_path = resolve_model(None if model is None else str(model))
