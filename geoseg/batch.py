@@ -221,38 +221,13 @@ def _area_aois(table: Any, path: Path, base: Path, areas: set[str]) -> dict[str,
 
 
 def predict_options(table: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """PredictOptions and the predict() keywords (regularize) from a manifest's ``[predict]`` table."""
-    from geoseg.cleanup import parse_per_class
-    from geoseg.inference.options import PredictOptions, check_options, parse_min_area
-    from geoseg.zooms import parse_scales
+    """PredictOptions and the predict() keywords (regularize) from a manifest's ``[predict]`` table
+    (keys and values as ``geoseg predict``'s options: ``inference.options.options_from``)."""
+    from geoseg.inference.options import options_from
 
-    fields = {f.name for f in dataclasses.fields(PredictOptions)}
     kw = dict(table)
     extra = {"regularize": bool(kw.pop("regularize", False))}
-    if "min_area" in kw:
-        value = kw.pop("min_area")
-        kw["min_area_m2"] = (parse_min_area(str(value)) if not isinstance(value, Mapping)
-                             else {str(k): float(v) for k, v in value.items()})
-    unknown = set(kw) - fields
-    if unknown:
-        raise InputError(f"[predict] option {sorted(unknown)[0]!r} is unknown; the options are "
-                         f"{', '.join(sorted(fields - {'min_area_m2'} | {'min_area', 'regularize'}))}")
-    if isinstance(kw.get("threshold"), str):
-        kw["threshold"] = parse_per_class(kw["threshold"], "[predict] threshold", "P")
-    elif isinstance(kw.get("threshold"), Mapping):
-        kw["threshold"] = {str(k): float(v) for k, v in kw["threshold"].items()}
-    if kw.get("bands") is not None:
-        kw["bands"] = tuple(int(b) for b in kw["bands"])
-    if "gsd" in kw:
-        kw["gsd"] = str(kw["gsd"])
-    if "scales" in kw:
-        kw["scales"] = parse_scales(kw["scales"], "[predict] scales")
-    try:
-        options = PredictOptions(**kw)
-        check_options(options)
-    except TypeError as exc:
-        raise InputError(f"[predict]: {exc}") from None
-    return options, extra
+    return options_from(kw, where="[predict] "), extra
 
 
 def change_options(table: Mapping[str, Any]) -> Any:

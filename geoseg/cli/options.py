@@ -174,15 +174,13 @@ def inference_options(f: Callable) -> Callable:
 
 
 def pop_predict_options(kwargs: dict[str, Any], **extra: Any) -> Any:
-    """Take the ``inference_options`` out of a command's keyword arguments as PredictOptions."""
-    from geoseg.cleanup import parse_per_class
-    from geoseg.inference.options import PredictOptions
+    """Take the ``inference_options`` (and ``cleanup_options`` where the command has them) out of a
+    command's keyword arguments as PredictOptions, parsed as batch manifests and the Python API are
+    (``inference.options.options_from``); ``extra``: other options' values, as given."""
+    from geoseg.inference.options import options_from
 
-    from geoseg.zooms import parse_scales
-
-    threshold = parse_per_class(kwargs.pop("threshold"), "--threshold", "P")
-    scales = parse_scales(kwargs.pop("scales"))
-    return PredictOptions(**{k: kwargs.pop(k) for k in _INFERENCE_KEYS}, threshold=threshold, scales=scales, **extra)
+    keys = (*_INFERENCE_KEYS, "threshold", "scales", *(k for k in _CLEANUP_KEYS if k in kwargs))
+    return options_from({**{k: kwargs.pop(k) for k in keys}, **extra})
 
 
 _CENTERLINES = [
@@ -246,6 +244,9 @@ def pop_cleanup_options(kwargs: dict[str, Any]) -> dict[str, Any]:
 
     return {key: parse_per_class(kwargs.pop(key), option, "M" if unit == "m" else "M2")
             for key, (option, unit) in SETTINGS.items()}
+
+
+_CLEANUP_KEYS = ("sieve_m2", "max_hole_m2", "simplify_m")  # geoseg.cleanup.SETTINGS, without importing it
 
 
 _SIGNAL = {"code": 130}

@@ -6,7 +6,7 @@ import click
 
 from geoseg.cli.options import (
     StageBars, aoi_option, centerline_options, cleanup_options, echo_json, inference_options, json_option, logger,
-    model_option, output_option, overwrite_option, pop_centerline_options, pop_cleanup_options, pop_predict_options,
+    model_option, output_option, overwrite_option, pop_centerline_options, pop_predict_options,
 )
 from geoseg.inference.options import POLYGONIZE
 
@@ -51,11 +51,8 @@ def predict(ctx: click.Context, scene: str, output: str, model: str | None, rast
     """
     from geoseg.workflows.predict import predict as run
 
-    from geoseg.inference.options import parse_min_area
-
     centerlines, line_options = pop_centerline_options(inference)
-    options = pop_predict_options(inference, min_area_m2=parse_min_area(min_area_m2), polygonize=polygonize,
-                                  **pop_cleanup_options(inference))
+    options = pop_predict_options(inference, min_area_m2=min_area_m2, polygonize=polygonize)
     with StageBars("predict", quiet=bool(ctx.obj.get("quiet"))) as progress:
         result = run(scene, output, model=model, raster_out=raster_out, probs_out=probs_out,
                      options=options, overwrite=overwrite, progress=progress, regularize=regularize, aoi=aoi,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from geoseg.blend import resolve_thresholds
+from geoseg.blend import WINDOWS, resolve_thresholds
 from geoseg.errors import InputError
 from geoseg.models.bundle import PRECISIONS
 
@@ -52,6 +52,69 @@ class PredictOptions:
     polygonize: str = "after"
 
 
+#: Names a user may give an option under besides its field name (the command line's and the
+#: manifests' spelling): ``min_area`` is ``min_area_m2``, ``sieve`` ``sieve_m2`` and so on.
+ALIASES = {"min_area": "min_area_m2", "sieve": "sieve_m2", "max_hole": "max_hole_m2", "simplify": "simplify_m"}
+_PER_CLASS = {"threshold": ("threshold", "P"), "min_area_m2": ("min-area", "M2"), "sieve_m2": ("sieve", "M2"),
+              "max_hole_m2": ("max-hole", "M2"), "simplify_m": ("simplify", "M")}
+
+
+def options_from(values: Mapping[str, object], *, where: str = "--") -> PredictOptions:
+    """PredictOptions from option values as a user writes them: command-line strings, a batch
+    manifest's ``[predict]`` table (TOML types) or Python values, under their field names or the
+    command line's (``min-area``, ``sieve``; see ALIASES). Per-class values may be one number,
+    ``"building=0.3,water=0.6"`` or a mapping; zooms ``"1,2"`` or a list; bands a list. ``None``
+    leaves the default. Unknown names and bad values are an InputError naming the option as
+    ``where`` + its name (``--threshold``, or ``[predict] threshold`` with ``where="[predict] "``)."""
+    import dataclasses
+
+    from geoseg.cleanup import parse_per_class
+    from geoseg.zooms import parse_scales
+
+    fields = {f.name for f in dataclasses.fields(PredictOptions)}
+    kw: dict[str, object] = {}
+    for key, value in values.items():
+        name = ALIASES.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
+        if name not in fields:
+            known = sorted((fields - set(ALIASES.values())) | set(ALIASES))
+            raise InputError(f"{where if where.startswith('[') else 'predict '}option {key!r} is unknown; "
+                             f"the options are {', '.join(known)}")
+        if value is not None:
+            kw[name] = value
+    for name, (option, unit) in _PER_CLASS.items():
+        value = kw.get(name)
+        if isinstance(value, str):
+            kw[name] = parse_per_class(value, where + option, unit)
+        elif isinstance(value, Mapping):
+            kw[name] = {str(k): float(v) for k, v in value.items()}
+    if "scales" in kw:
+        kw["scales"] = parse_scales(kw["scales"], where + "scales")
+    if "bands" in kw:
+        kw["bands"] = tuple(int(b) for b in kw["bands"])
+    if "gsd" in kw:
+        kw["gsd"] = str(kw["gsd"])
+    try:
+        options = PredictOptions(**kw)
+    except TypeError as exc:
+        raise InputError(f"{where.strip() or 'predict options'}: {exc}") from None
+    check_options(options)
+    return options
+
+
+def as_options(options: PredictOptions | Mapping[str, object] | None, *, check: bool = True) -> PredictOptions:
+    """The jobs' ``options`` argument: PredictOptions as they are (checked unless ``check=False``),
+    a mapping of option values parsed (and checked) by :func:`options_from`, None the defaults."""
+    if options is None:
+        return PredictOptions()
+    if isinstance(options, Mapping):
+        return options_from(options, where="")
+    if not isinstance(options, PredictOptions):
+        raise InputError(f"options must be PredictOptions or a mapping of option values, got {type(options).__name__}")
+    if check:
+        check_options(options)
+    return options
+
+
 Progress = Callable[[int, int], None]  # (tiles done, tiles total)
 
 
@@ -72,6 +135,10 @@ def check_options(options: PredictOptions) -> None:
         raise InputError(f"--overlap must be 0 or more pixels, got {options.overlap}")
     if options.precision not in PRECISIONS:
         raise InputError(f"--precision {options.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if options.blend not in WINDOWS:
+        raise InputError(f"--blend {options.blend!r} is not one of {', '.join(WINDOWS)}")
+    if options.stretch not in STRETCHES:
+        raise InputError(f"--stretch {options.stretch!r} is not one of {', '.join(STRETCHES)}")
     if options.tta not in TTA:
         raise InputError(f"--tta {options.tta!r} is not one of {', '.join(TTA)}")
     if options.polygonize not in POLYGONIZE:

@@ -32,7 +32,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ import geoseg
 from geoseg.atomic import Staging, claim_outputs
 from geoseg.blend import decision_bias
 from geoseg.errors import InputError
-from geoseg.inference.options import PredictOptions
+from geoseg.inference.options import PredictOptions, as_options
 
 log = logging.getLogger(__name__)
 
@@ -494,7 +494,7 @@ def change(
     model: str | os.PathLike | None = None,
     raster_out: str | os.PathLike | None = None,
     options: ChangeOptions = ChangeOptions(),
-    predict_options: PredictOptions = PredictOptions(),
+    predict_options: PredictOptions | Mapping[str, Any] = PredictOptions(),
     overwrite: bool = False,
     progress: Progress | None = None,
     bundle=None,
@@ -515,7 +515,7 @@ def change(
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    options = _checked(options)
+    options, predict_options = _checked(options, predict_options)
     _check_output_names(output, raster_out, preview)
     dates, meta = _read_dates(before, after, options, predict_options, model, bundle)
     names, colors, background = _class_setup(*dates, meta)
@@ -830,12 +830,13 @@ def _looks_like_classes(ds, n: int) -> tuple[bool, int]:
     return (values.size == 0 or (int(values.min()) >= 0 and top < n)), top
 
 
-def _checked(options: ChangeOptions) -> ChangeOptions:
-    """The options with ``classes`` given as one comma-separated string split; bad values refused."""
+def _checked(options: ChangeOptions, predict_options) -> tuple[ChangeOptions, PredictOptions]:
+    """The options with ``classes`` given as one comma-separated string split, bad values refused;
+    the predict options as PredictOptions (checked later, when a date is a scene)."""
     if isinstance(options.classes, str):
         options = replace(options, classes=tuple(c.strip() for c in options.classes.split(",")))
     _check_options(options)
-    return options
+    return options, as_options(predict_options, check=False)
 
 
 def _check_options(options: ChangeOptions) -> None:

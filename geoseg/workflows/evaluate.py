@@ -740,7 +740,7 @@ def evaluate(
     *,
     model: str | os.PathLike | None = None,
     bundle=None,
-    options: PredictOptions = PredictOptions(),
+    options: PredictOptions | Mapping[str, object] = PredictOptions(),
     class_field: str = "class",
     label_class: str | None = None,
     line_width_m: float | None = None,
@@ -768,13 +768,13 @@ def evaluate(
     object matching, as in ``geoseg predict``. ``aoi``: score only inside these polygons (any
     vector file, any CRS; ``geoseg.aoi``), for labels that are complete only there.
     """
-    from geoseg.inference.options import check_options, min_areas
+    from geoseg.inference.options import as_options, min_areas
     from geoseg.inference.segment import segment
     from geoseg.models.bundle import load_bundle
     from geoseg.zooms import zoom_text
 
     t_start = time.perf_counter()
-    check_options(options)
+    options = as_options(options)
     if not 0 < iou_threshold <= 1:
         raise InputError(f"the object IoU threshold must be in (0, 1], got {iou_threshold}")
     info, model_path, meta = _open_and_check(scene, aoi, options, model, bundle)

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import geoseg
 from geoseg.atomic import Staging, claim_outputs
 from geoseg.errors import InputError
 from geoseg.inference.live import LiveRows
-from geoseg.inference.options import (PredictOptions, Progress, building_class, check_options, cleanup_for, min_areas,
+from geoseg.inference.options import (PredictOptions, Progress, as_options, building_class, cleanup_for, min_areas,
                                       scales_for, thresholds)
 from geoseg.inference.rasters import CLASS_NODATA, SCORE_SCALE
 from geoseg.inference.segment import check_scene_for, segment, streams_rows, warm_up
@@ -118,7 +119,7 @@ def predict(
     model: str | os.PathLike | None = None,
     raster_out: str | os.PathLike | None = None,
     probs_out: str | os.PathLike | None = None,
-    options: PredictOptions = PredictOptions(),
+    options: PredictOptions | Mapping[str, object] = PredictOptions(),
     overwrite: bool = False,
     progress: Progress | None = None,
     bundle=None,
@@ -139,7 +140,7 @@ def predict(
 
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    check_options(options)
+    options = as_options(options)
     _check_output_names(output, raster_out, probs_out, preview)
     info = open_within(scene, aoi, bands=options.bands, assume_crs=options.assume_crs)
     # Fail on outputs before any heavy work: none is an input, and this run is their only writer.
