@@ -39,6 +39,18 @@ class Tile:
         return (self.row, self.row + self.size, self.col, self.col + self.size)
 
 
+def spaced_starts(lo: int, hi: int, size: int, stride: int) -> list[int]:
+    """Starts of windows of ``size`` pixels inside ``[lo, hi)``: from ``lo``, ``stride`` apart, and
+    the last one flush with ``hi`` (closer to the one before it when the stride does not divide the
+    span). The one window planner: inference tiles (:func:`axis_starts`) and training chips
+    (``geoseg.training.chip_windows``) both use it. Needs ``hi - lo >= size`` and ``stride >= 1``."""
+    if hi - lo < size or stride < 1:
+        raise ValueError(f"no window of {size} fits [{lo}, {hi}) with stride {stride}")
+    starts = list(range(lo, hi - size, stride))
+    starts.append(hi - size)
+    return starts
+
+
 def axis_starts(length: int, *, tile_size: int, overlap: int) -> list[int]:
     """Start offsets of tiles along one axis of ``length`` pixels."""
     check_tiling(tile_size=tile_size, overlap=overlap)
@@ -46,10 +58,7 @@ def axis_starts(length: int, *, tile_size: int, overlap: int) -> list[int]:
         raise InputError(f"a scene axis has {length} pixels; a scene needs at least one row and column")
     if length <= tile_size:
         return [0]
-    stride = tile_size - overlap
-    starts = list(range(0, length - tile_size, stride))
-    starts.append(length - tile_size)
-    return starts
+    return spaced_starts(0, length, tile_size, tile_size - overlap)
 
 
 def axis_cores(length: int, starts: list[int], *, tile_size: int) -> list[tuple[int, int]]:

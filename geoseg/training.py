@@ -574,10 +574,9 @@ def _axis_starts(lo: int, hi: int, size: int, chip: int, stride: int) -> list[in
     """Starts of chips along one axis inside [lo, hi); a chip may pass the rectangle only where the
     rectangle ends at the scene's edge (the part outside the scene is padding)."""
     if hi - lo >= chip:
-        starts = list(range(lo, hi - chip + 1, stride))
-        if starts[-1] != hi - chip:
-            starts.append(hi - chip)
-        return starts
+        from geoseg.tiling import spaced_starts
+
+        return spaced_starts(lo, hi, chip, stride)
     if lo == 0 and hi == size:
         return [(size - chip) // 2]  # a scene smaller than a chip: centred, padded on both sides
     return []

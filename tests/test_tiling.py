@@ -71,3 +71,32 @@ def test_batches_keep_order_and_reject_zero():
     assert [t for g in groups for t in g] == tiles and all(len(g) <= 4 for g in groups)
     with pytest.raises(InputError, match="batch-size"):
         list(batches(tiles, 0))
+
+
+@given(lo=st.integers(0, 50), span=st.integers(1, 600), size=st.integers(1, 128), stride=st.integers(1, 300))
+def test_spaced_starts_cover_the_span_from_its_start_to_its_end(lo, span, size, stride):
+    """The one window planner (tiles and training chips): from lo, stride apart, the last flush with hi."""
+    from geoseg.tiling import spaced_starts
+
+    hi = lo + span
+    if span < size:
+        with pytest.raises(ValueError):
+            spaced_starts(lo, hi, size, stride)
+        return
+    starts = spaced_starts(lo, hi, size, stride)
+    assert starts[0] == lo and starts[-1] == hi - size
+    steps = np.diff(starts)
+    assert (steps > 0).all() and (steps[:-1] == stride).all() and (steps[-1:] <= stride).all()
+    if stride <= size:  # overlapping windows cover every pixel of the span
+        covered = np.zeros(hi, bool)
+        for s in starts:
+            covered[s:s + size] = True
+        assert covered[lo:].all()
+
+
+def test_training_chips_and_inference_tiles_use_the_same_planner():
+    from geoseg.tiling import axis_starts, spaced_starts
+    from geoseg.training import Rect, chip_windows
+
+    rows = sorted({r for _, r, _ in chip_windows(Rect(0, 0, 1000, 0, 300), (1000, 300), chip=256, stride=192)})
+    assert rows == spaced_starts(0, 1000, 256, 192) == axis_starts(1000, tile_size=256, overlap=64)
