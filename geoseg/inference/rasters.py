@@ -4,9 +4,10 @@ back onto the scene's grid of a run made on a resampled grid."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,41 @@ class Segmentation:
         return self.tiles.get("scales", [1.0])
 
 
+@contextlib.contextmanager
+def on_scene_grid(info: SceneInfo, sources: Sequence[tuple[Path, str, bool]]) -> Iterator[list]:
+    """Open each ``(path, resampling, warp)`` of ``sources`` as read on the scene's grid: through a
+    WarpedVRT with that resampling ("nearest", "bilinear") where ``warp``, as it is otherwise.
+    The one warp-back: :func:`resample_to_scene` and the zoom merge (``inference.scales``) read
+    their runs onto the scene through it, window by window (:func:`scene_windows`)."""
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+
+    grid = dict(crs=info.crs, transform=info.transform, width=info.width, height=info.height)
+    handles, readers = [], []
+    try:
+        for path, resampling, warp in sources:
+            f = rasterio.open(path)
+            handles.append(f)
+            if warp:
+                f = WarpedVRT(f, resampling=Resampling[resampling], **grid)
+                handles.append(f)
+            readers.append(f)
+        yield readers
+    finally:
+        for handle in reversed(handles):
+            handle.close()
+
+
+def scene_windows(info: SceneInfo, reader: SceneReader, *, chunk_width: int, rows: int,
+                  ) -> Iterator[tuple[int, int, Window, np.ndarray]]:
+    """``(first row, first column, window, valid)`` over the scene's grid, column chunk by column
+    chunk, ``rows`` rows at a time, with the scene's own valid mask of the window."""
+    for a, b in column_chunks(info.width, chunk_width):
+        for r0 in range(0, info.height, rows):
+            r1 = min(r0 + rows, info.height)
+            yield r0, a, Window(a, r0, b - a, r1 - r0), reader.read_valid(r0, r1, a, b)
+
+
 def resample_to_scene(work: Segmentation, info: SceneInfo, out_dir: Path, *, classes: int,
                       chunk_width: int) -> Segmentation:
     """Warp rasters made on a resampled grid back onto the scene's own grid, window by window.
@@ -108,32 +144,20 @@ def resample_to_scene(work: Segmentation, info: SceneInfo, out_dir: Path, *, cla
     Classes and scores use nearest neighbour, probabilities bilinear; the scene's own nodata mask
     is applied at full resolution.
     """
-    from rasterio.vrt import WarpedVRT
-
-    Resampling = rasterio.enums.Resampling
     sinks = RasterSinks(info, classes=classes, scratch=out_dir, probs=work.probs_path is not None)
-    sources = [(work.class_path, Resampling.nearest), (work.score_path, Resampling.nearest)]
+    sources = [(work.class_path, "nearest", True), (work.score_path, "nearest", True)]
     if work.probs_path:
-        sources.append((work.probs_path, Resampling.bilinear))
-    files = [rasterio.open(p) for p, _ in sources]
-    grid = dict(crs=info.crs, transform=info.transform, width=info.width, height=info.height)
-    vrts = [WarpedVRT(f, resampling=r, **grid) for f, (_, r) in zip(files, sources)]
+        sources.append((work.probs_path, "bilinear", True))
     try:
-        with SceneReader(info) as reader:
-            for a, b in column_chunks(info.width, chunk_width):
-                for r0 in range(0, info.height, 512):
-                    r1 = min(r0 + 512, info.height)
-                    win = Window(a, r0, b - a, r1 - r0)
-                    valid = reader.read_valid(r0, r1, a, b)
-                    cls = vrts[0].read(1, window=win)
-                    valid &= cls != CLASS_NODATA
-                    cls[~valid] = CLASS_NODATA
-                    score = np.where(valid, vrts[1].read(1, window=win), 0).astype(np.uint16)
-                    probs = np.where(valid, vrts[2].read(window=win), 0).astype(np.float32) if work.probs_path else None
-                    sinks.write(r0, a, cls, score, probs, valid)
+        with on_scene_grid(info, sources) as vrts, SceneReader(info) as reader:
+            for r0, a, win, valid in scene_windows(info, reader, chunk_width=chunk_width, rows=512):
+                cls = vrts[0].read(1, window=win)
+                valid &= cls != CLASS_NODATA
+                cls[~valid] = CLASS_NODATA
+                score = np.where(valid, vrts[1].read(1, window=win), 0).astype(np.uint16)
+                probs = np.where(valid, vrts[2].read(window=win), 0).astype(np.float32) if work.probs_path else None
+                sinks.write(r0, a, cls, score, probs, valid)
     finally:
-        for handle in [*vrts, *files]:
-            handle.close()
         sinks.close(complete=sys.exc_info()[0] is None)  # failed or interrupted: no noise about scratch
     return dataclasses.replace(
         work, info=info, class_path=sinks.class_path, score_path=sinks.score_path, probs_path=sinks.probs_path,

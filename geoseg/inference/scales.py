@@ -29,14 +29,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import rasterio
-from rasterio.windows import Window
 
 from geoseg.blend import argmax_classes, decision_bias
 from geoseg.inference.engine import segment_grid
-from geoseg.inference.grids import column_chunks, plan_chunks, tiling_for, working_grid
+from geoseg.inference.grids import plan_chunks, tiling_for, working_grid
 from geoseg.inference.options import PredictOptions, Progress, thresholds
-from geoseg.inference.rasters import CLASS_NODATA, SCORE_SCALE, RasterSinks, Segmentation
+from geoseg.inference.rasters import CLASS_NODATA, SCORE_SCALE, RasterSinks, Segmentation, on_scene_grid, scene_windows
 from geoseg.scene import SceneInfo, SceneReader, at_gsd
 
 log = logging.getLogger(__name__)
@@ -157,42 +155,26 @@ def merge_to_scene(runs: list[Segmentation], info: SceneInfo, out_dir: Path, *, 
     """Read every run's probabilities onto the scene's grid (bilinear; coverage from its class
     raster, nearest) window by window, merge them and write class, score (and probability) rasters.
     The scene's own nodata mask is applied at full resolution."""
-    from rasterio.vrt import WarpedVRT
-
-    Resampling = rasterio.enums.Resampling
     classes = len(thresholds)
     bias = decision_bias(list(thresholds))
     sinks = RasterSinks(info, classes=classes, scratch=out_dir, probs=probs)
-    grid = dict(crs=info.crs, transform=info.transform, width=info.width, height=info.height)
-    files, sources = [], []  # sources: (class reader, probability reader) per run
+    # per run its class raster (coverage, nearest) and its probabilities (bilinear), on the scene's grid
+    sources = [(path, resampling, run.info is not info) for run in runs
+               for path, resampling in ((run.class_path, "nearest"), (run.probs_path, "bilinear"))]
     try:
-        for run in runs:
-            pair = []
-            for path, resampling in ((run.class_path, Resampling.nearest), (run.probs_path, Resampling.bilinear)):
-                f = rasterio.open(path)
-                files.append(f)
-                if run.info is not info:
-                    f = WarpedVRT(f, resampling=resampling, **grid)
-                    files.append(f)
-                pair.append(f)
-            sources.append(pair)
-        with SceneReader(info) as reader:
-            for a, b in column_chunks(info.width, chunk_width):
-                for r0 in range(0, info.height, rows):
-                    r1 = min(r0 + rows, info.height)
-                    win = Window(a, r0, b - a, r1 - r0)
-                    covered = np.stack([cls.read(1, window=win) != CLASS_NODATA for cls, _ in sources])
-                    stack = np.stack([p.read(window=win) for _, p in sources])
-                    valid = reader.read_valid(r0, r1, a, b) & covered.any(axis=0)
-                    merged = merge_probs(stack, covered & valid, merge, background)
-                    cls = decide(merged, bias)
-                    cls[~valid] = CLASS_NODATA
-                    win_p = np.take_along_axis(merged, np.minimum(cls, classes - 1)[None], 0)[0]
-                    score = np.where(valid, np.clip(np.rint(win_p * SCORE_SCALE), 1, SCORE_SCALE), 0).astype(np.uint16)
-                    sinks.write(r0, a, cls, score, merged if probs else None, valid)
+        with on_scene_grid(info, sources) as readers, SceneReader(info) as reader:
+            pairs = list(zip(readers[0::2], readers[1::2]))
+            for r0, a, win, valid in scene_windows(info, reader, chunk_width=chunk_width, rows=rows):
+                covered = np.stack([cls.read(1, window=win) != CLASS_NODATA for cls, _ in pairs])
+                stack = np.stack([p.read(window=win) for _, p in pairs])
+                valid &= covered.any(axis=0)
+                merged = merge_probs(stack, covered & valid, merge, background)
+                cls = decide(merged, bias)
+                cls[~valid] = CLASS_NODATA
+                win_p = np.take_along_axis(merged, np.minimum(cls, classes - 1)[None], 0)[0]
+                score = np.where(valid, np.clip(np.rint(win_p * SCORE_SCALE), 1, SCORE_SCALE), 0).astype(np.uint16)
+                sinks.write(r0, a, cls, score, merged if probs else None, valid)
     finally:
-        for handle in reversed(files):
-            handle.close()
         sinks.close(complete=sys.exc_info()[0] is None)  # failed or interrupted: no noise about scratch
     return Segmentation(info=info, class_path=sinks.class_path, score_path=sinks.score_path,
                         probs_path=sinks.probs_path, tiles={}, tile_size=0, overlap=0,
