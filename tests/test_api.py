@@ -46,7 +46,7 @@ def test_the_docs_example_runs(tmp_path, monkeypatch):
     """docs/api.md's example, on the bundled chip with the default model: the whole job, then the
     same steps one by one (without the job's clean-up, so their polygons are not the job's)."""
     text = (REPO / "docs" / "api.md").read_text()
-    (block,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    block = re.search(r"## The example\n.*?```python\n(.*?)```", text, flags=re.S).group(1)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sample_data").symlink_to(REPO / "sample_data")
     scope: dict = {}

@@ -11,7 +11,7 @@ from geoseg.errors import InputError
 from geoseg.labels import IGNORE
 from geoseg.targets import TargetSets, parse_class_set, parse_label_sets
 from geoseg.training import (
-    Dataset, TrainConfig, _scene_weights, _sources, _validate, load_scene, make_loss, read_config,
+    Dataset, TrainConfig, scene_weights, training_sources, validate, load_scene, make_loss, read_config,
 )
 
 CLASSES = ["background", "building", "road", "water", "vegetation"]
@@ -148,7 +148,7 @@ def test_metrics_ignore_ignore_and_partial_pixels(sets):
     pred = np.array([[[0, 1, 2, 1, 1, 1]]])  # wrong only where the truth is ignored or partial
     logits = np.eye(5, dtype=np.float32)[pred]
     loss = make_loss("ce", 5, target_sets=sets.matrix())
-    _, iou, _ = _validate(Fixed(logits), loss, [(np.zeros((1, 1, 6, 3)), truth)], 5)
+    _, iou, _ = validate(Fixed(logits), loss, [(np.zeros((1, 1, 6, 3)), truth)], 5)
     assert iou[:3].tolist() == [1.0, 1.0, 1.0]
     assert np.isnan(iou[3]) and np.isnan(iou[4])
 
@@ -200,18 +200,18 @@ weight = 0.5
     (d,) = cfg.datasets
     assert d.images == (str(tmp_path / "oam.tif"), str(tmp_path / "oam2.tif")) and d.labelled_classes == ("building",)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # survives the resume state
-    train, val, weights = _sources(cfg)
+    train, val, weights = training_sources(cfg)
     assert [t[0] for t in train] == [str(tmp_path / n) for n in ("dubai.tif", "oam.tif", "oam2.tif")]
     assert weights == [("image", 1.0), ("dataset", 1, 0.5), ("dataset", 1, 0.5)] and val == []
     # a dataset's share is drawn evenly over its chips: 1 chip in oam.tif, 3 in oam2.tif
     windows = [(0, 0, 0), (0, 0, 8), (1, 0, 0), (2, 0, 0), (2, 0, 8), (2, 8, 0)]
-    assert _scene_weights(weights, windows, 3) == [1.0, 0.125, 0.375]
+    assert scene_weights(weights, windows, 3) == [1.0, 0.125, 0.375]
     # without sample_weights the top-level images weigh 1 together beside weighted datasets
-    _, _, weights = _sources(TrainConfig(images=("a.tif",), labels=("a.tif",),
+    _, _, weights = training_sources(TrainConfig(images=("a.tif",), labels=("a.tif",),
                                          datasets=(Dataset(images=("b",), labels=("c",), weight=0.25),)))
     assert weights == [("dataset", 0, 1.0), ("dataset", 1, 0.25)]
     with pytest.raises(InputError, match="give every"):
-        _sources(TrainConfig(images=("a.tif",), labels=("a.tif",), datasets=(
+        training_sources(TrainConfig(images=("a.tif",), labels=("a.tif",), datasets=(
             Dataset(images=("b",), labels=("c",), weight=1), Dataset(images=("d",), labels=("e",)))))
     (tmp_path / "bad.toml").write_text('[[datasets]]\nimages = ["a.tif"]\nlabels = ["a.gpkg"]\nlabeled = ["building"]\n')
     with pytest.raises(InputError, match="unknown key"):

@@ -204,7 +204,7 @@ def test_a_run_stopped_by_its_time_budget_keeps_its_state_and_resumes_with_a_lar
 
 
 def test_ema_averages_the_weights_and_swaps_them_in_only_while_applied():
-    from geoseg.training import _Averaged
+    from geoseg.training import Averaged
 
     class Var:
         def __init__(self, value):
@@ -219,7 +219,7 @@ def test_ema_averages_the_weights_and_swaps_them_in_only_while_applied():
     class Model:
         trainable_variables = [Var([0.0, 0.0]), Var([[10.0]])]
 
-    model, avg = Model(), _Averaged(0.5)
+    model, avg = Model(), Averaged(0.5)
     avg.update(model)  # the first update copies the weights: a fine-tuning run averages from its start
     for step in (1, 2):
         model.trainable_variables[0].assign([4.0 * step, 0.0])
@@ -323,7 +323,7 @@ def test_init_from_fine_tunes_a_bundle_from_its_weights_and_normalisation(traine
 
 
 def test_init_from_takes_a_built_in_name_in_a_config_and_on_the_command_line(tmp_path):
-    from geoseg.training import _starting_bundle
+    from geoseg.training import starting_bundle
 
     (tmp_path / "a.toml").write_text('init_from = "buildings"\n')
     (tmp_path / "b.toml").write_text('init_from = "models/b.keras"\n')
@@ -334,12 +334,12 @@ def test_init_from_takes_a_built_in_name_in_a_config_and_on_the_command_line(tmp
     arch = architecture_of("buildings")  # what the CLI fills in when only --init-from is given
     assert arch == {"arch": "unet", "encoder": "efficientnet-lite0"}
     cfg = TrainConfig(images=["a.tif"], labels=["a.gpkg"], init_from="buildings", **arch)
-    assert _starting_bundle(cfg, ["background", "building"]).name == "buildings"
+    assert starting_bundle(cfg, ["background", "building"]).name == "buildings"
     with pytest.raises(InputError, match="--classes background,building"):
-        _starting_bundle(cfg, ["background", "building", "road"])
+        starting_bundle(cfg, ["background", "building", "road"])
     # a network given explicitly that differs is named, without geoseg's own encoder's options
     with pytest.raises(InputError, match=r"needs --encoder efficientnet-lite0 \(not none\)$"):
-        _starting_bundle(TrainConfig(images=["a.tif"], labels=["a.gpkg"], init_from="buildings"),
+        starting_bundle(TrainConfig(images=["a.tif"], labels=["a.gpkg"], init_from="buildings"),
                          ["background", "building"])
 
 

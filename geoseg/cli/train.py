@@ -13,6 +13,7 @@ from geoseg.cli.options import echo_json, interrupt_code, json_option, logger, o
 from geoseg.errors import InputError
 from geoseg.models import ARCHITECTURES
 from geoseg.models.efficientnet import ENCODER_WEIGHTS, ENCODERS
+from geoseg.training.config import PRECISIONS, VAL_AVERAGES
 from geoseg.zooms import MERGES
 
 
@@ -105,7 +106,7 @@ def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
               help="With --encoder: start from its ImageNet weights, or from random ones.")
 @click.option("--width", type=int, default=16, show_default=True, help="Channels of the first level.")
 @click.option("--depth", type=int, default=4, show_default=True, help="Number of 2x poolings.")
-@click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16"]), default="float32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="float32", show_default=True,
               help="mixed_bfloat16 is faster on CPUs with AMX (the loss stays float32).")
 @click.option("--epochs", type=int, default=20, show_default=True)
 @click.option("--steps-per-epoch", type=int, default=None, help="Batches per epoch. Default: one pass over the chips.")
@@ -120,7 +121,7 @@ def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
               help="Validate and save a moving average of the weights (momentum per step, e.g. 0.995: about the "
                    "last 200 steps); steadier than the last step's weights when the validation IoU jumps between "
                    "epochs. 0: off.")
-@click.option("--val-average", type=click.Choice(["pixels", "datasets"]), default="pixels", show_default=True,
+@click.option("--val-average", type=click.Choice(VAL_AVERAGES), default="pixels", show_default=True,
               help="Pick the best epoch by the validation IoU over all pixels pooled, or by the mean of each "
                    "dataset's (the top-level images are one dataset, each [[datasets]] table another), so a small "
                    "validation set weighs as much as a large one.")
