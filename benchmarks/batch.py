@@ -3,7 +3,7 @@
     python benchmarks/batch.py [--runs "-j 1" "-j 2" "--dask -j 2"] [--write docs/performance.md]
 
 The manifest: the three NAIP dates of ../shared/data (one area, so two change jobs) and the nine parts
-of DubaiSat tile 8 prepared as GeoTIFFs by ``configs/prepare_dubai.py`` (one area each), all with the
+of DubaiSat tile 8 prepared as GeoTIFFs by ``scripts/prepare_dubai.py`` (one area each), all with the
 bundled ``buildings`` model at the scenes' own pixel size (``gsd = "native"``) on bands 1-3. Each run
 starts from an empty output folder, in its own process, timed from the shell: it includes starting
 Python, TensorFlow in every worker and loading the model.
@@ -30,7 +30,7 @@ def manifest(folder: Path, dubai: Path) -> tuple[Path, int, float]:
     rows = [("naip", f"{name[-12:-8]}-{name[-8:-6]}-{name[-6:-4]}", NAIP / name) for name in sorted(p.name for p in NAIP.glob("*.tif"))]
     rows += [(f"dubai8-{p.stem[-3:]}", "2020-01-01", p) for p in sorted(dubai.glob("image_part_*[0-9].tif"))]
     if len(rows) < 4:
-        raise SystemExit(f"scenes not found: {NAIP} and {dubai} (run `python configs/prepare_dubai.py` first)")
+        raise SystemExit(f"scenes not found: {NAIP} and {dubai} (run `python scripts/prepare_dubai.py` first)")
     mpx = 0.0
     for _, _, path in rows:
         with rasterio.open(path) as ds:

@@ -262,7 +262,7 @@ def test_per_class_tolerances_keep_the_coverage_tight(tmp_path):
 DUBAI = sorted(glob.glob("/work/geoseg-data/multiclass-dubai/tile*/image_part_*_labels.tif"))
 
 
-@pytest.mark.skipif(not DUBAI, reason="Dubai label rasters missing: run configs/prepare_dubai.py (needs ../shared/data)")
+@pytest.mark.skipif(not DUBAI, reason="Dubai label rasters missing: run scripts/prepare_dubai.py (needs ../shared/data)")
 @pytest.mark.parametrize("index", [0, 20])
 def test_real_dubai_class_raster_stays_a_coverage_after_clean_up(index):
     path = DUBAI[index % len(DUBAI)]

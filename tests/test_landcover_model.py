@@ -69,7 +69,7 @@ def test_held_out_dubai_image_still_scores(tmp_path):
     """Tile 2 image 5 (held out whole; every class present): per-class IoU and the road network, via the CLI."""
     image = DUBAI / "tile2" / "image_part_005.tif"
     if not image.exists():
-        pytest.skip(f"{image} is missing: run python configs/prepare_dubai.py (needs ../shared/data)")
+        pytest.skip(f"{image} is missing: run python scripts/prepare_dubai.py (needs ../shared/data)")
     run = CliRunner().invoke(cli, ["evaluate", str(image), str(image.with_name("image_part_005_labels.tif")),
                                    "--model", "landcover", "--label-values", DUBAI_VALUES, "--json"])
     assert run.exit_code == 0, run.output

@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -617,13 +618,33 @@ def test_user_errors_are_one_line_with_exit_code_1(data, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
+RECIPES = sorted((REPO / "recipes").rglob("*.toml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
 def test_every_committed_recipe_is_a_valid_config(path):
-    """The configs the model cards cite: each parses into a training config (no data is read)."""
+    """The recipes the model cards cite: each parses into a training config, its outputs are outside
+    the package (only a shipped recipe writes a bundled model, its own), and its data paths point
+    into ../shared/data or the prepared ../geoseg-data beside the repository."""
     from geoseg.training import read_config
 
     cfg = TrainConfig.from_dict(read_config(path))
     assert cfg.epochs > 0 and cfg.gsd and cfg.images and len(cfg.images) == len(cfg.labels)
+    output = Path(read_config(path)["output"]).resolve()
+    bundled = REPO / "geoseg" / "models" / "bundled"
+    if output.is_relative_to(bundled):
+        assert path.parent.name == "shipped" and output.stem == path.stem, f"{path.name} writes {output}"
+    beside = REPO.parent.resolve()
+    data = [Path(p) for d in (cfg.images, cfg.labels, cfg.val_images, cfg.val_labels) for p in d]
+    data += [Path(p) for ds in cfg.datasets for p in (*ds.images, *ds.labels)]
+    for p in data:
+        assert p.resolve().is_relative_to(beside / "shared" / "data") or p.resolve().is_relative_to(
+            beside / "geoseg-data"), f"{path.name}: {p} is not in ../shared/data or ../geoseg-data"
+
+
+def test_each_shipped_model_has_its_recipe():
+    bundled = sorted(p.stem for p in (REPO / "geoseg" / "models" / "bundled").glob("*.keras"))
+    assert bundled == sorted(p.stem for p in (REPO / "recipes" / "shipped").glob("*.toml"))
 
 
 # --- the satellite look (geoseg.augment) ------------------------------------------------------------

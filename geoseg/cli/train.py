@@ -179,8 +179,8 @@ def train(ctx: click.Context, config_path: str | None, **opts: Any) -> None:
 
     \b
     geoseg train --images a.tif b.tif --labels a.gpkg b.gpkg -o buildings.keras
-    geoseg train --config configs/buildings.toml --precision mixed_bfloat16
-    geoseg train --config configs/buildings.toml --resume
+    geoseg train --config recipes/shipped/buildings.toml --epochs 2
+    geoseg train --config recipes/shipped/buildings.toml --resume
     geoseg train --images my.tif --labels my.gpkg --init-from buildings -o my_buildings.keras
     """
     from geoseg.training import train as run

@@ -1,6 +1,6 @@
 """Move Nairobi's OpenStreetMap footprints onto the roofs they were drawn for (an experiment).
 
-    python configs/align_nairobi.py [--model buildings] [--search 8] [--neighbours 7]
+    python scripts/align_nairobi.py [--model buildings] [--search 8] [--neighbours 7]
 
 The footprints of ``../shared/data/buildings-oam-train/mosaics/5-nairobi_ke`` are offset from the
 imagery by about a roof width, and not by one shift for the whole block. This script:

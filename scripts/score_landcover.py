@@ -1,6 +1,6 @@
 """Score a landcover model on the held-out Dubai tiles and the SpaceNet Las Vegas road chip.
 
-    python configs/score_landcover.py [--model geoseg/models/bundled/landcover.keras] [--json out.json]
+    python scripts/score_landcover.py [--model geoseg/models/bundled/landcover.keras] [--json out.json]
                                       [--gsd auto|native|METRES] [--scales 1,ZOOM,... --scale-merge mean|max]
                                       [--tta none|flips|d4] [--tiles 2,3]
 
@@ -19,7 +19,7 @@ Runs the full predict pipeline (``geoseg.workflows.evaluate.evaluate``, the libr
   model's range; 10 m is 10x past its training scale) and at its own 10 m; and the share of each
   class on the three NAIP dates (RGB bands of the 4-band 5 m scenes, read at 1 m), which have no labels.
 
-Needs ``../shared/data`` and ``python configs/prepare_dubai.py`` (Dubai as GeoTIFFs, outside the repo).
+Needs ``../shared/data`` and ``python scripts/prepare_dubai.py`` (Dubai as GeoTIFFs, outside the repo).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main() -> None:
     for tile in chosen:
         images = sorted((DUBAI / f"tile{tile}").glob("image_part_*[0-9].tif"))
         if not images:
-            sys.exit(f"no images in {DUBAI / f'tile{tile}'}: run python configs/prepare_dubai.py")
+            sys.exit(f"no images in {DUBAI / f'tile{tile}'}: run python scripts/prepare_dubai.py")
         cm, roads = np.zeros((len(names), len(names)), np.int64), []
         for image in images:
             labels = image.with_name(image.stem + "_labels.tif")

@@ -1,18 +1,18 @@
 """Choose the building decision threshold of a buildings model on its validation scenes.
 
-    python configs/tune_threshold.py [--model PATH] [--scales 1,2 --scale-merge mean] [--write OUT.keras [--keep-threshold]]
+    python scripts/tune_threshold.py [--model PATH] [--scales 1,2 --scale-merge mean] [--write OUT.keras [--keep-threshold]]
 
 Runs the full predict pipeline once per scene (probabilities on the scene's own grid), then scores
 the building IoU at each threshold from the probabilities: pixels labelled ``ignore`` take no part,
 as in ``geoseg evaluate``. The threshold chosen is the one with the best mean IoU over the two
-validation groups of ``configs/buildings_finetune.toml`` (the Kampala block; images 1, 3, 5 of
+validation groups of ``recipes/experiments/buildings_v1_stage2.toml`` (the Kampala block; images 1, 3, 5 of
 Dubai tile 2), each group counted once, so the few drone pixels weigh as much as the many Dubai
 ones. The other scenes (Dubai tile 2's other six images, the Nairobi block) took no part in training
 or in any choice: they show whether the threshold carries over. ``--write`` saves a copy of the
 bundle with that threshold as its default (``geoseg predict --threshold`` overrides it), and with
 ``--scales``/``--scale-merge`` as its default zooms (``geoseg.scales``) when they are given;
 ``--keep-threshold`` keeps the bundle's own threshold (only the zooms change).
-Needs ``../shared/data`` and ``python configs/prepare_dubai.py``.
+Needs ``../shared/data`` and ``python scripts/prepare_dubai.py``.
 """
 
 from __future__ import annotations

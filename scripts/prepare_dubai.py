@@ -12,12 +12,12 @@ on a placeholder grid: ``--gsd`` metre pixels (default 1 m; the set's GSD is und
 roughly 0.7-1.5 m) in UTM zone 40N (EPSG:32640, where Dubai lies), each image at its own place
 10 km from the others, so no two images overlap or touch. The coordinates are not the images'
 real positions; only the pixel size matters for training. Training configs map the class indices
-to their own classes with ``label_values`` (see ``configs/buildings.toml``).
+to their own classes with ``label_values`` (see ``recipes/experiments/buildings_v1_stage1.toml``).
 
 The output goes outside the repository (the data must never be committed):
 
-    python configs/prepare_dubai.py                      # -> ../geoseg-data/multiclass-dubai
-    python configs/prepare_dubai.py --out /data/dubai --gsd 1.0
+    python scripts/prepare_dubai.py                      # -> ../geoseg-data/multiclass-dubai
+    python scripts/prepare_dubai.py --out /data/dubai --gsd 1.0
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Score a buildings model on the held-back and unseen scenes of its model card.
 
-    python configs/score_buildings.py [--model geoseg/models/bundled/buildings.keras] [--precision float32]
+    python scripts/score_buildings.py [--model geoseg/models/bundled/buildings.keras] [--precision float32]
                                       [--scales 1,ZOOM,...] [--scene NAME ...]
 
 Runs ``geoseg evaluate --json`` (the full predict pipeline) on each scene and prints a Markdown
 table. Each Dubai tile (held out from training, all nine images) is scored as one set: the confusion
 matrices of its images are summed before IoU, F1, precision and recall are computed; its object
 counts are summed too. ``--scene`` scores only the rows whose name contains one of its words
-(e.g. ``--scene kampala atlanta``). Needs ``../shared/data`` and, for Dubai, ``python configs/prepare_dubai.py``.
+(e.g. ``--scene kampala atlanta``). Needs ``../shared/data`` and, for Dubai, ``python scripts/prepare_dubai.py``.
 """
 
 from __future__ import annotations
