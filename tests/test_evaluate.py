@@ -16,9 +16,8 @@ from hypothesis import strategies as st
 
 from geoseg.cli import cli
 from geoseg.errors import InputError
-from geoseg.workflows.evaluate import (
-    BoundaryCounter, ConfusionMatrix, evaluate, evaluate_classes, match_objects, strips,
-)
+from geoseg.metrics import BoundaryCounter, ConfusionMatrix, match_objects, strips
+from geoseg.workflows.evaluate import evaluate, evaluate_classes
 from geoseg.labels import IGNORE
 from geoseg.inference.options import PredictOptions
 from tests.conftest import shared, write_raster

@@ -69,7 +69,7 @@ def validate(model, loss_fn, batches: list[tuple[np.ndarray, np.ndarray]], class
               groups: Sequence[int] | None = None) -> tuple[float, np.ndarray, list[np.ndarray]]:
     """(mean loss, IoU per class over all batches, IoU per class of each group). ``groups`` gives
     each batch's group (its dataset); None: one group."""
-    from geoseg.workflows.evaluate import ConfusionMatrix
+    from geoseg.metrics import ConfusionMatrix
 
     groups = list(groups) if groups is not None else [0] * len(batches)
     cms = [ConfusionMatrix(classes) for _ in range(max(groups, default=-1) + 1)]
