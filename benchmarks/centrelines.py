@@ -76,7 +76,7 @@ def make_raster(path: Path, size: int, seed: int = 0, strip: int = 1024) -> Path
 
 
 def child(raster: str) -> None:
-    from geoseg.centrelines import centrelines_from_raster
+    from geoseg.vector.centrelines import centrelines_from_raster
 
     t0 = time.perf_counter()
     net = centrelines_from_raster(raster, class_id=1)

@@ -44,14 +44,14 @@ _PUBLIC = {
     "PredictOptions": "geoseg.inference.options:PredictOptions",
     "ChangeOptions": "geoseg.workflows.change:ChangeOptions",
     "TrainConfig": "geoseg.training:TrainConfig",
-    "Cleanup": "geoseg.cleanup:Cleanup",
+    "Cleanup": "geoseg.vector.cleanup:Cleanup",
     # the building blocks, in data-flow order
-    "open_scene": "geoseg.scene:open_scene",
+    "open_scene": "geoseg.io.scene:open_scene",
     "load_bundle": "geoseg.models.bundle:load_bundle",
     "list_models": "geoseg.models.bundle:list_builtin",
     "resolve_model": "geoseg.models.bundle:resolve_model",
     "segment": "geoseg.inference.segment:segment",
-    "polygonize": "geoseg.polygons:polygonize",
+    "polygonize": "geoseg.vector.polygons:polygonize",
     # errors: every bad input ends in one of these (GeosegError is their base)
     "GeosegError": "geoseg.errors:GeosegError",
     "InputError": "geoseg.errors:InputError",

@@ -13,7 +13,7 @@ model's sha256 and the options (for a change job, the keys of its two predict jo
 options). ``job.json`` is written last, after the job's outputs were renamed into place together, so
 a job is *current* when its ``job.json`` names the same key and every output it lists is there with
 the recorded size and modification time. A rerun skips current jobs and redoes the others; a run
-killed at any moment leaves only whole outputs (``geoseg.atomic``) and resumes where it stopped.
+killed at any moment leaves only whole outputs (``geoseg.io.atomic``) and resumes where it stopped.
 
 Jobs run in this process (``-j 1``), in N local processes (``-j N``) or on Dask distributed
 (``--scheduler ADDRESS``, ``DASK_SCHEDULER_ADDRESS``, or ``--dask`` for a LocalCluster). Every
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import geoseg
-from geoseg.atomic import clean_stale
+from geoseg.io.atomic import clean_stale
 from geoseg.errors import GeosegError, InputError, OutputError
 
 log = logging.getLogger(__name__)
@@ -357,7 +357,7 @@ def plan(manifest: Manifest, *, hashes: HashCache | None = None) -> list[Job]:
                 key=job_key({"kind": "change", "before": a.key, "after": b.key, "options": _canonical(copts)}),
             ))
     # an output of one job must never be a scene or an area of the manifest (or the model)
-    from geoseg.atomic import check_not_inputs
+    from geoseg.io.atomic import check_not_inputs
 
     sources = {f"scene {s.path}": s.path for s in manifest.scenes}
     sources.update({f"area {a}": p for a, p in manifest.aois.items()})

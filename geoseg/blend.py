@@ -89,7 +89,7 @@ def resolve_thresholds(given: float | Mapping[str, float] | None, defaults: Mapp
     """Decision threshold per class: ``defaults`` (the model's), replaced by ``given``: some classes by
     name, or one number for every class but the ``background`` ones (``--threshold 0.3`` on a
     buildings model means building=0.3). InputError for unknown classes or values outside (0, 1)."""
-    from geoseg.cleanup import per_class
+    from geoseg.vector.cleanup import per_class
 
     if given is not None and not isinstance(given, Mapping):
         given = {name: given for name in defaults if name not in background}

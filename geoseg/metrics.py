@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from geoseg.errors import InputError
-from geoseg.labels import IGNORE
+from geoseg.io.labels import IGNORE
 
 __all__ = ["BoundaryCounter", "ConfusionMatrix", "ObjectMatch", "boundary_pixels", "match_objects",
            "precision_recall_f1", "strips", "valid_polygons"]

@@ -186,7 +186,7 @@ def write_preview(png: str | os.PathLike, scene: str | os.PathLike, overlay: str
         ids = ids.astype(np.int32)
         rgb = _scene_rgb(scene, ds, bands, rows, cols)
         if gsd_m is None:
-            from geoseg.scene import ground_sample_distance
+            from geoseg.io.scene import ground_sample_distance
 
             gsd_m = ground_sample_distance(ds.crs, ds.transform, ds.width, ds.height)
         metres_per_px = gsd_m * ds.width / cols if gsd_m else None

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from geoseg.errors import InputError
-from geoseg.labels import IGNORE
+from geoseg.io.labels import IGNORE
 
 __all__ = ["TargetSets", "parse_class_set", "parse_label_sets"]
 

@@ -147,7 +147,7 @@ def _classes_of(bundle, scene: Path, options, bands: tuple[int, ...], gsd: str) 
     import rasterio
 
     from geoseg.inference.segment import segment
-    from geoseg.scene import open_scene
+    from geoseg.io.scene import open_scene
 
     info = open_scene(scene, bands=bands)
     with tempfile.TemporaryDirectory() as scratch:

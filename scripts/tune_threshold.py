@@ -49,9 +49,9 @@ GROUPS = {  # name: (used to choose?, [(image, labels, label_values)])
 
 def counts(bundle, image: Path, labels: Path, label_values: str | None, building: int, options) -> np.ndarray:
     """(intersection, union) of building pixels per threshold on one scene."""
-    from geoseg.labels import IGNORE, LabelReader, parse_label_values
+    from geoseg.io.labels import IGNORE, LabelReader, parse_label_values
     from geoseg.workflows.predict import predict
-    from geoseg.scene import open_scene
+    from geoseg.io.scene import open_scene
 
     names = list(bundle.meta.class_names)
     info = open_scene(image)

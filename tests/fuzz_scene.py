@@ -27,7 +27,7 @@ from rasterio.transform import from_origin
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from geoseg.errors import InputError  # noqa: E402
-from geoseg.scene import SceneReader, open_scene  # noqa: E402
+from geoseg.io.scene import SceneReader, open_scene  # noqa: E402
 
 
 def seed_files(folder: Path) -> list[bytes]:

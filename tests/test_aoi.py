@@ -19,7 +19,7 @@ from geoseg.cli import cli
 from geoseg.errors import InputError
 from geoseg.inference.options import PredictOptions
 from geoseg.workflows.predict import predict
-from geoseg.scene import SceneReader, crop, open_scene
+from geoseg.io.scene import SceneReader, crop, open_scene
 from geoseg.tiling import plan_tiles
 from tests.conftest import shared, write_raster
 from tests.testmodels import blocky_labels, numpy_bundle
@@ -112,7 +112,7 @@ def test_aoi_output_is_the_whole_scene_run_inside_the_area_and_nodata_outside(sc
     assert sum(map(len, polygons)) > 10
     for geoms in polygons:
         assert shapely.union_all(geoms.values).difference(back.buffer(0.5)).area == pytest.approx(0)
-    from geoseg.outputs import read_run_metadata
+    from geoseg.io.outputs import read_run_metadata
 
     assert read_run_metadata(tmp_path / "part.gpkg")["aoi"].endswith("area.geojson")
 
@@ -246,7 +246,7 @@ def test_evaluate_scores_only_inside_the_area(scene, tmp_path, georeferenced):
 
 
 def test_reference_road_lines_are_clipped_to_the_area(scene, tmp_path):
-    from geoseg.aoi import restrict
+    from geoseg.io.aoi import restrict
     from geoseg.workflows.evaluate import reference_road_lines
 
     path, _ = scene

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from pyproj import Geod
 from rasterio.transform import from_origin
 
-from geoseg.centrelines import CentrelineOptions, centrelines, road_metrics
-from geoseg.measure import line_length_m
+from geoseg.vector.centrelines import CentrelineOptions, centrelines, road_metrics
+from geoseg.vector.measure import line_length_m
 from geoseg.errors import InputError
 from tests.conftest import shared, write_raster
 

@@ -28,7 +28,7 @@ from geoseg.workflows.change import (
 from geoseg.workflows.change import change as run_change
 from geoseg.cli import cli
 from geoseg.errors import InputError
-from geoseg.outputs import read_run_metadata
+from geoseg.io.outputs import read_run_metadata
 from tests.conftest import shared, write_raster
 from tests.test_faults import assert_error, snapshot
 from tests.testmodels import keras_onehot_bundle, numpy_bundle

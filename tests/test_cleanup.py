@@ -18,12 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from geoseg.cleanup import Cleanup, RasterCleanup, clean_array, clean_strips, halo_rows, per_class
+from geoseg.vector.cleanup import Cleanup, RasterCleanup, clean_array, clean_strips, halo_rows, per_class
 from geoseg.cli import cli
 from geoseg.errors import InputError
 from geoseg.models.bundle import BundleMeta, ClassInfo, builtin_dir, read_meta
-from geoseg.outputs import read_run_metadata
-from geoseg.polygons import polygonize
+from geoseg.io.outputs import read_run_metadata
+from geoseg.vector.polygons import polygonize
 from tests.conftest import write_raster
 
 FOUR = ndimage.generate_binary_structure(2, 1)

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from geoseg.cli import cli
 from geoseg.models.bundle import list_builtin, resolve_model
-from geoseg.outputs import read_run_metadata
+from geoseg.io.outputs import read_run_metadata
 from tests.conftest import REPO, shared
 
 

@@ -18,7 +18,7 @@ from geoseg.cli import cli
 from geoseg.errors import InputError
 from geoseg.metrics import BoundaryCounter, ConfusionMatrix, match_objects, strips
 from geoseg.workflows.evaluate import evaluate, evaluate_classes
-from geoseg.labels import IGNORE
+from geoseg.io.labels import IGNORE
 from geoseg.inference.options import PredictOptions
 from tests.conftest import shared, write_raster
 from tests.testmodels import blocky_labels, keras_onehot_bundle, numpy_bundle

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from geoseg.cli import cli
 from geoseg.errors import InputError
 from geoseg.workflows.evaluate import evaluate
-from geoseg.labels import IGNORE
+from geoseg.io.labels import IGNORE
 from geoseg.models.bundle import Bundle, ClassInfo
 from geoseg.inference.options import PredictOptions
 from tests.conftest import write_raster

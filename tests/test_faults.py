@@ -299,7 +299,7 @@ def test_output_folders_that_do_not_exist_or_cannot_be_written(work, models, mon
 
 def test_a_full_disk_part_way_is_a_clean_error(work, models, monkeypatch):
     """ENOSPC raised by the writer of the class raster after a few strips."""
-    from geoseg import outputs
+    from geoseg.io import outputs
 
     folder, scene, _, out = work
     write = outputs.TiledTiffWriter.write
@@ -488,7 +488,7 @@ def test_ctrl_c_or_sigterm_during_training_keeps_the_last_epoch_and_resumes(work
 
 def test_a_zombie_process_counts_as_dead(tmp_path):
     """A killed writer that its parent has not reaped yet must not keep its temporary files alive."""
-    from geoseg.atomic import _pid_alive, clean_stale
+    from geoseg.io.atomic import _pid_alive, clean_stale
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

@@ -45,7 +45,7 @@ def test_a_crs_name_that_is_not_utf8_is_an_input_error(seeds, tmp_path):
     Two bytes of the uint16 seed: a GeoKey 33 bytes before the CRS citation, and a byte of the
     citation ("WGS 84 / UTM zone 33N") that is not UTF-8."""
     from geoseg.errors import InputError
-    from geoseg.scene import open_scene
+    from geoseg.io.scene import open_scene
 
     blob = bytearray(seeds[1])
     at = blob.index(b"UTM zone ") + len(b"UTM zone")
@@ -65,7 +65,7 @@ def test_a_header_claiming_tens_of_thousands_of_bands_is_refused_at_once(tmp_pat
     import rasterio
 
     from geoseg.errors import InputError
-    from geoseg.scene import MAX_BANDS, open_scene
+    from geoseg.io.scene import MAX_BANDS, open_scene
 
     path = tmp_path / "many.tif"
     n = MAX_BANDS + 1

@@ -279,7 +279,7 @@ def test_force_runs_it_with_a_warning_and_auto_warns_when_far(caplog):
     import dataclasses
 
     from geoseg.inference.grids import working_grid
-    from geoseg.scene import SceneInfo
+    from geoseg.io.scene import SceneInfo
     from tests.testmodels import test_meta
 
     meta = test_meta("m", classes=2, bands=3, gsd=0.3, gsd_range=(0.18, 0.51))
@@ -370,7 +370,7 @@ def test_a_file_cut_short_is_refused_before_any_work(work, models, command, layo
 
 def test_the_header_check_passes_real_layouts(tmp_path):
     """Band-interleaved tiles, compressed strips, one strip, BigTIFF and a sparse file are all fine."""
-    from geoseg.tiffheader import check_tiff
+    from geoseg.io.tiffheader import check_tiff
 
     values = np.random.default_rng(6).integers(0, 255, size=(3, 300, 400)).astype("uint8")
     for i, profile in enumerate([

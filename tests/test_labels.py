@@ -7,8 +7,8 @@ from rasterio.transform import from_origin
 from shapely.geometry import LineString, box
 
 from geoseg.errors import InputError
-from geoseg.labels import IGNORE, LabelReader
-from geoseg.scene import open_scene
+from geoseg.io.labels import IGNORE, LabelReader
+from geoseg.io.scene import open_scene
 from tests.conftest import shared, write_raster
 
 
@@ -66,7 +66,7 @@ def test_real_vector_and_mask_labels_agree():
 
 
 def test_label_values_map_raster_values_to_classes_or_ignore(tmp_path, scene):
-    from geoseg.labels import parse_label_values
+    from geoseg.io.labels import parse_label_values
 
     names = ["background", "building", "road"]
     assert parse_label_values("0=ignore, 1=building, 2-5=background, 6=2", names) == {

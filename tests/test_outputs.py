@@ -15,7 +15,7 @@ from pyproj import CRS
 from rasterio.transform import from_origin
 
 from geoseg.errors import OutputError
-from geoseg.outputs import (
+from geoseg.io.outputs import (
     TiledTiffWriter,
     class_colormap,
     layer_qml,
@@ -205,7 +205,7 @@ def test_write_geopackage_refuses_bad_targets(tmp_path):
 
 
 def test_polygonize_to_geopackage_round_trip(tmp_path):
-    from geoseg.polygons import polygonize
+    from geoseg.vector.polygons import polygonize
 
     classes = np.zeros((40, 40), np.uint8)
     classes[5:15, 5:15] = 1

@@ -8,7 +8,7 @@ import rasterio
 from rasterio.transform import from_origin
 
 from geoseg.errors import InputError
-from geoseg.labels import IGNORE
+from geoseg.io.labels import IGNORE
 from geoseg.targets import TargetSets, parse_class_set, parse_label_sets
 from geoseg.training import (
     Dataset, TrainConfig, scene_weights, training_sources, validate, load_scene, make_loss, read_config,

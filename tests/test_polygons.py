@@ -9,10 +9,10 @@ import shapely
 from pyproj import CRS, Geod, Transformer
 from rasterio.transform import from_origin
 
-from geoseg import polygons
+from geoseg.vector import polygons
 from geoseg.errors import InputError
-from geoseg.measure import area_m2, perimeter_m
-from geoseg.polygons import polygonize
+from geoseg.vector.measure import area_m2, perimeter_m
+from geoseg.vector.polygons import polygonize
 
 NAMES = ["background", "building", "road", "water"]
 GEOD = Geod(ellps="WGS84")

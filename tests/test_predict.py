@@ -319,10 +319,10 @@ def test_polygons_made_beside_the_model_equal_those_made_from_the_class_raster(t
     """One column chunk: strips go to the polygonizer as the blender finishes them. Small strips
     (the polygonizer's and the blender's) and a held-row limit below one strip exercise the
     hand-over; the result must be what the class raster gives after the model."""
-    from geoseg import polygons
+    from geoseg.vector import polygons
     from geoseg.inference import live as live_module
     from geoseg.inference.segment import streams_rows
-    from geoseg.scene import open_scene
+    from geoseg.io.scene import open_scene
 
     monkeypatch.setattr(polygons, "_STRIP_PIXELS", 131 * 6)
     monkeypatch.setattr(live_module.LiveRows.__init__, "__kwdefaults__", {"max_rows": 3})
@@ -376,7 +376,7 @@ def test_live_rows_hand_over_every_row_once_without_waiting_on_each_other():
 
 
 def test_a_polygonizing_error_stops_the_model_and_reaches_the_caller(tmp_path, monkeypatch):
-    from geoseg import polygons
+    from geoseg.vector import polygons
 
     calls = []
     failed = threading.Event()

@@ -12,7 +12,7 @@ from rasterio.features import rasterize, shapes
 from rasterio.transform import from_origin
 
 from geoseg.cli import cli
-from geoseg.regularize import dominant_angle, regularize
+from geoseg.vector.regularize import dominant_angle, regularize
 from tests.conftest import write_raster
 from tests.test_faults import assert_error
 

@@ -16,7 +16,7 @@ from geoseg.models.bundle import BundleMeta
 from geoseg.inference.options import PredictOptions
 from geoseg.inference.scales import decide, merge_probs, scale_grids
 from geoseg.workflows.predict import predict
-from geoseg.scene import at_gsd, open_scene
+from geoseg.io.scene import at_gsd, open_scene
 from geoseg.zooms import parse_scales
 from tests.conftest import write_raster
 from tests.testmodels import blocky_labels, numpy_bundle
@@ -208,7 +208,7 @@ def test_cli_refuses_zooms_without_1_in_one_line(tmp_path, fine_scene):
 
 def test_change_segments_both_dates_at_the_models_zooms_and_records_them(tmp_path, fine_scene):
     from geoseg.workflows.change import change
-    from geoseg.outputs import read_run_metadata
+    from geoseg.io.outputs import read_run_metadata
 
     path, _, _ = fine_scene
     bundle = numpy_bundle(gsd=0.5, gsd_range=(0.4, 0.6))
@@ -237,7 +237,7 @@ def test_evaluate_scores_the_merged_classes_and_names_the_zooms(tmp_path, fine_s
 
 def test_change_records_the_zooms_each_date_ran_not_the_models(tmp_path, fine_scene):
     from geoseg.workflows.change import change
-    from geoseg.outputs import read_run_metadata
+    from geoseg.io.outputs import read_run_metadata
 
     path, labels, _ = fine_scene
     coarse = write_raster(tmp_path / "coarse.tif", labels[::4, ::4].astype("uint8")[None],

@@ -9,7 +9,7 @@ from affine import Affine
 from rasterio.transform import from_origin
 
 from geoseg.errors import InputError
-from geoseg.scene import SceneReader, open_scene
+from geoseg.io.scene import SceneReader, open_scene
 from tests.conftest import shared
 
 
@@ -76,7 +76,7 @@ def test_internal_mask_and_alpha_band(raster):
 def test_alpha_band_and_internal_mask_read_resampled(raster):
     """Reading at another GSD warps the scene: an alpha band is the warped VRT's alpha (GDAL refused
     a second one), an internal mask becomes one."""
-    from geoseg.scene import at_gsd
+    from geoseg.io.scene import at_gsd
 
     data = rgb()
     mask = np.ones(data.shape[1:], bool)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from rasterio.transform import from_origin
 
 from geoseg.errors import GeosegError, InputError
-from geoseg.labels import IGNORE
+from geoseg.io.labels import IGNORE
 from geoseg.training import (
     Augment,
     ChipSampler,
@@ -98,7 +98,7 @@ def test_a_tiny_unet_learns_and_the_best_epoch_becomes_a_bundle_that_predicts(tr
     from geoseg.models import load_bundle
     from geoseg.inference.options import PredictOptions
     from geoseg.inference.segment import segment
-    from geoseg.scene import open_scene
+    from geoseg.io.scene import open_scene
 
     bundle = load_bundle(out)
     meta = bundle.meta
@@ -114,7 +114,7 @@ def test_a_tiny_unet_learns_and_the_best_epoch_becomes_a_bundle_that_predicts(tr
     seg = segment(info, bundle, tmp_path, options=PredictOptions(tile_size=64, overlap=16))
     import rasterio
 
-    from geoseg.labels import LabelReader
+    from geoseg.io.labels import LabelReader
 
     with rasterio.open(seg.class_path) as ds:
         pred = ds.read(1)
@@ -573,7 +573,7 @@ def test_config_file_with_relative_paths_and_cli_overrides(data, tmp_path):
 
 
 def test_mask_raster_labels_give_the_same_classes_as_vectors(data, tmp_path):
-    from geoseg.scene import open_scene
+    from geoseg.io.scene import open_scene
     from geoseg.training import load_scene
 
     _, ((image, vector), _) = data

@@ -13,8 +13,8 @@ import shapely
 from click.testing import CliRunner
 
 from geoseg.cli import cli
-from geoseg.outputs import read_run_metadata
-from geoseg.polygons import polygonize
+from geoseg.io.outputs import read_run_metadata
+from geoseg.vector.polygons import polygonize
 from geoseg.models.bundle import file_sha256
 from tests.conftest import shared, write_raster
 from tests.test_faults import assert_error

@@ -96,7 +96,7 @@ model_option = click.option(
 
 
 def aoi_option(what: str):
-    """``--aoi FILE``: work only inside its polygons (``geoseg.aoi``); ``what`` says what that means here."""
+    """``--aoi FILE``: work only inside its polygons (``geoseg.io.aoi``); ``what`` says what that means here."""
     return click.option(
         "--aoi", type=click.Path(dir_okay=False), default=None, metavar="FILE",
         help=f"Only inside the polygons of FILE (GeoPackage: its first layer; GeoJSON, shapefile; any CRS): "
@@ -208,7 +208,7 @@ def centerline_options(f: Callable) -> Callable:
 
 def pop_centerline_options(kwargs: dict[str, Any]) -> tuple[bool | None, Any]:
     """Take the ``centerline_options`` out of a command's keyword arguments: (on/off/None, CentrelineOptions)."""
-    from geoseg.centrelines import CentrelineOptions
+    from geoseg.vector.centrelines import CentrelineOptions
 
     options = CentrelineOptions(class_name=kwargs.pop("centerline_class"), spur_m=kwargs.pop("spur_m"),
                                 bridge_m=kwargs.pop("bridge_m"))
@@ -231,7 +231,7 @@ _CLEANUP = [
 
 
 def cleanup_options(f: Callable) -> Callable:
-    """The polygon clean-up options of predict and vectorize (``geoseg.cleanup``)."""
+    """The polygon clean-up options of predict and vectorize (``geoseg.vector.cleanup``)."""
     for option in reversed(_CLEANUP):
         f = option(f)
     return f
@@ -240,13 +240,13 @@ def cleanup_options(f: Callable) -> Callable:
 def pop_cleanup_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Take the ``cleanup_options`` out of a command's keyword arguments, parsed: one float for all
     classes, ``{class: value}``, or None (the defaults)."""
-    from geoseg.cleanup import SETTINGS, parse_per_class
+    from geoseg.vector.cleanup import SETTINGS, parse_per_class
 
     return {key: parse_per_class(kwargs.pop(key), option, "M" if unit == "m" else "M2")
             for key, (option, unit) in SETTINGS.items()}
 
 
-_CLEANUP_KEYS = ("sieve_m2", "max_hole_m2", "simplify_m")  # geoseg.cleanup.SETTINGS, without importing it
+_CLEANUP_KEYS = ("sieve_m2", "max_hole_m2", "simplify_m")  # geoseg.vector.cleanup.SETTINGS, without importing it
 
 
 _SIGNAL = {"code": 130}

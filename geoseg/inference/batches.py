@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from geoseg.scene import SceneInfo, SceneReader
+from geoseg.io.scene import SceneInfo, SceneReader
 from geoseg.tiling import Tile, TilePlan
 
 

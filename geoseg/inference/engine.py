@@ -19,7 +19,7 @@ from geoseg.inference.batches import Skips, iter_batches
 from geoseg.inference.grids import match_bands, plan_chunks, tiling_for, value_stretch
 from geoseg.inference.options import TTA, PredictOptions, Progress, thresholds
 from geoseg.inference.rasters import CLASS_NODATA, RasterSinks, Segmentation
-from geoseg.scene import SceneInfo
+from geoseg.io.scene import SceneInfo
 from geoseg.threads import Behind, prefetch
 
 log = logging.getLogger(__name__)

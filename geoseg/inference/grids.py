@@ -9,7 +9,7 @@ from pathlib import Path
 
 from geoseg.errors import InputError
 from geoseg.inference.options import STRETCHES, PredictOptions
-from geoseg.scene import SceneInfo, at_gsd
+from geoseg.io.scene import SceneInfo, at_gsd
 from geoseg.tiling import TilePlan, check_tiling, tile_plan
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def value_stretch(info: SceneInfo, meta, mode: str = "auto") -> tuple[float, flo
         raise InputError(f"--stretch {mode!r} must be auto or none")
     if mode == "none" or not meta.value_range or not meta.dtype or info.dtype == meta.dtype:
         return None
-    from geoseg.scene import value_percentiles
+    from geoseg.io.scene import value_percentiles
 
     lo, hi = value_percentiles(info)
     tlo, thi = meta.value_range

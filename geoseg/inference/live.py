@@ -8,7 +8,7 @@ import threading
 import numpy as np
 
 from geoseg.inference.rasters import CLASS_NODATA
-from geoseg.scene import SceneInfo
+from geoseg.io.scene import SceneInfo
 
 
 class _Stopped(Exception):
@@ -41,10 +41,10 @@ class LiveRows:
         self.reader_error: BaseException | None = None
 
     def rows(self):
-        """The :class:`geoseg.polygons.RasterRows` the polygonizer reads."""
+        """The :class:`geoseg.vector.polygons.RasterRows` the polygonizer reads."""
         from pyproj import CRS
 
-        from geoseg.polygons import RasterRows
+        from geoseg.vector.polygons import RasterRows
 
         return RasterRows(name=self.name, crs=CRS.from_wkt(self.crs.to_wkt()), transform=self.transform,
                           height=self.height, width=self.width, dtype=np.dtype(np.uint8), nodata=CLASS_NODATA,

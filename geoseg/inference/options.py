@@ -40,7 +40,7 @@ class PredictOptions:
     scale_merge: str | None = None  # "max" or "mean"; None: the model's
     # decision threshold: one value, or {class: probability} over the model's per-class thresholds
     threshold: float | Mapping[str, float] | None = None
-    # clean-up (geoseg.cleanup): one value, or {class: value} over the model's per-class defaults
+    # clean-up (geoseg.vector.cleanup): one value, or {class: value} over the model's per-class defaults
     sieve_m2: float | Mapping[str, float] | None = None
     max_hole_m2: float | Mapping[str, float] | None = None
     simplify_m: float | Mapping[str, float] | None = None
@@ -68,7 +68,7 @@ def options_from(values: Mapping[str, object], *, where: str = "--") -> PredictO
     ``where`` + its name (``--threshold``, or ``[predict] threshold`` with ``where="[predict] "``)."""
     import dataclasses
 
-    from geoseg.cleanup import parse_per_class
+    from geoseg.vector.cleanup import parse_per_class
     from geoseg.zooms import parse_scales
 
     fields = {f.name for f in dataclasses.fields(PredictOptions)}
@@ -166,16 +166,16 @@ def thresholds(options: PredictOptions, meta) -> dict[str, float]:
 def min_areas(options: PredictOptions, meta) -> dict[str, float]:
     """Minimum polygon area per class: the model's values, replaced by ``--min-area`` (one number for
     every class, or some classes by name). InputError for unknown class names or negative areas."""
-    from geoseg.cleanup import per_class
+    from geoseg.vector.cleanup import per_class
 
     return per_class(options.min_area_m2, {c.name: c.min_area_m2 for c in meta.classes}, "--min-area")
 
 
 def cleanup_for(options: PredictOptions, meta):
-    """The clean-up of the polygons (``geoseg.cleanup.Cleanup``): the model's per-class defaults,
+    """The clean-up of the polygons (``geoseg.vector.cleanup.Cleanup``): the model's per-class defaults,
     replaced by ``--sieve``, ``--max-hole`` and ``--simplify`` (one value for every class, or some
     classes by name). InputError for unknown class names or negative values."""
-    from geoseg.cleanup import SETTINGS, Cleanup, per_class
+    from geoseg.vector.cleanup import SETTINGS, Cleanup, per_class
 
     return Cleanup(**{key: per_class(getattr(options, key), {c.name: getattr(c, key) for c in meta.classes},
                                      option, unit) for key, (option, unit) in SETTINGS.items()})
@@ -183,7 +183,7 @@ def cleanup_for(options: PredictOptions, meta):
 
 def parse_min_area(text: str | None) -> float | dict[str, float] | None:
     """``"4"`` -> 4.0 (every class); ``"building=10,water=200"`` -> {class: m²}."""
-    from geoseg.cleanup import parse_per_class
+    from geoseg.vector.cleanup import parse_per_class
 
     return parse_per_class(text, "--min-area")
 

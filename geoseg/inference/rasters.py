@@ -17,7 +17,7 @@ from rasterio.windows import Window
 
 from geoseg.blend import Strip
 from geoseg.inference.grids import column_chunks
-from geoseg.scene import SceneInfo, SceneReader
+from geoseg.io.scene import SceneInfo, SceneReader
 
 
 CLASS_NODATA = 255
@@ -41,7 +41,7 @@ class RasterSinks:
 
     def __init__(self, info: SceneInfo, *, classes: int, scratch: Path, probs: bool,
                  on_rows: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> None:
-        from geoseg.outputs import SCRATCH_COMPRESS, TiledTiffWriter
+        from geoseg.io.outputs import SCRATCH_COMPRESS, TiledTiffWriter
 
         self.on_rows = on_rows  # also gets each full-width strip's (row_off, classes, score): LiveRows.add
 

@@ -35,7 +35,7 @@ from geoseg.inference.engine import segment_grid
 from geoseg.inference.grids import plan_chunks, tiling_for, working_grid
 from geoseg.inference.options import PredictOptions, Progress, thresholds
 from geoseg.inference.rasters import CLASS_NODATA, SCORE_SCALE, RasterSinks, Segmentation, on_scene_grid, scene_windows
-from geoseg.scene import SceneInfo, SceneReader, at_gsd
+from geoseg.io.scene import SceneInfo, SceneReader, at_gsd
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from geoseg.inference.grids import column_chunks, match_bands, tiling_for, worki
 from geoseg.inference.options import PredictOptions, Progress, check_options, scales_for
 from geoseg.inference.rasters import Segmentation, resample_to_scene
 from geoseg.inference.scales import scale_grids, segment_scales
-from geoseg.scene import SceneInfo
+from geoseg.io.scene import SceneInfo
 
 
 def grids_for(info: SceneInfo, meta, options: PredictOptions, *, quiet: bool = False) -> list[tuple[float, SceneInfo]]:

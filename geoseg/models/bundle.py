@@ -90,7 +90,7 @@ def _as_tuple(name: str, value: Any) -> tuple[Any, ...]:
     return tuple(value)
 
 
-#: Per-class clean-up defaults (``geoseg.cleanup``), optional: written only when set, so bundles
+#: Per-class clean-up defaults (``geoseg.vector.cleanup``), optional: written only when set, so bundles
 #: without them read as before, also in a geoseg that predates them.
 CLEANUP_FIELDS = ("sieve_m2", "max_hole_m2", "simplify_m")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from geoseg.errors import InputError
-from geoseg.labels import IGNORE
+from geoseg.io.labels import IGNORE
 from geoseg.training.config import Augment
 
 
@@ -37,14 +37,14 @@ def load_scene(image: str | os.PathLike, labels: str | os.PathLike, *, class_nam
                labelled_classes: Sequence[str] = (), aoi: str | os.PathLike | None = None) -> SceneData:
     """Read a scene and its labels whole, on a grid of ``gsd`` m/px (default: the scene's own).
     ``label_values`` says what a label raster's values mean (``labels.parse_label_values``).
-    ``aoi``: polygons (any vector file, any CRS) outside which the labels are ignored (``geoseg.aoi``);
+    ``aoi``: polygons (any vector file, any CRS) outside which the labels are ignored (``geoseg.io.aoi``);
     the pixels stay, as context for the chips that reach the edge.
 
     With ``targets`` (a ``geoseg.targets.TargetSets``) the labels are codes of allowed class sets:
     ``label_values`` may name sets (``2=!building``, ``3=road|water``), and ``labelled_classes``
     turns pixels of any other class into "not one of these" (``TargetSets.restrict``)."""
-    from geoseg.labels import LabelReader, parse_label_values
-    from geoseg.scene import SceneReader, at_gsd, open_scene
+    from geoseg.io.labels import LabelReader, parse_label_values
+    from geoseg.io.scene import SceneReader, at_gsd, open_scene
 
     info = open_scene(image, bands=bands)
     grid = info if gsd is None or abs(gsd / info.gsd - 1) < 1e-3 else at_gsd(info, gsd)
@@ -59,8 +59,8 @@ def load_scene(image: str | os.PathLike, labels: str | os.PathLike, *, class_nam
         ids = lr.read(0, grid.height, 0, grid.width)
     ids = np.where(valid, ids, IGNORE).astype(np.uint8)
     if aoi is not None:
-        from geoseg.aoi import read_area
-        from geoseg.scene import pixels_inside
+        from geoseg.io.aoi import read_area
+        from geoseg.io.scene import pixels_inside
 
         ids[~pixels_inside(read_area(aoi, grid.crs), grid.transform, 0, grid.height, 0, grid.width)] = IGNORE
     if targets is not None and labelled_classes:

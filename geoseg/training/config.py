@@ -88,7 +88,7 @@ class Dataset:
     line_width: float | None = None  # None: the run's line_width
     weight: float | None = None
     name: str = ""
-    aoi: str | None = None  # polygons outside which its labels count for nothing (geoseg.aoi); None: the run's
+    aoi: str | None = None  # polygons outside which its labels count for nothing (geoseg.io.aoi); None: the run's
 
     def __post_init__(self) -> None:
         for key in ("images", "labels", "val_images", "val_labels", "labelled_classes"):
@@ -220,7 +220,7 @@ _HEX = re.compile(r"^#?([0-9a-fA-F]{6})$")
 def with_thresholds(class_infos, spec: str | None):
     """``class_infos`` with the decision thresholds of ``spec`` ("building=0.3"; see ``--threshold``)."""
     from geoseg.blend import resolve_thresholds
-    from geoseg.cleanup import parse_per_class
+    from geoseg.vector.cleanup import parse_per_class
 
     if not spec:
         return class_infos
@@ -245,7 +245,7 @@ def parse_classes(spec: str | Sequence[str]):
     for i, item in enumerate(items):
         name, *rest = item.split(":")
         name = name.strip()
-        from geoseg.outputs import PALETTE
+        from geoseg.io.outputs import PALETTE
 
         color = PALETTE[i % len(PALETTE)]
         area = 0.0

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from geoseg.errors import InputError, OutputError
-from geoseg.labels import IGNORE
+from geoseg.io.labels import IGNORE
 from geoseg.training.chips import (
     ChipSampler,
     Rect,
@@ -224,7 +224,7 @@ def _open_run(cfg: TrainConfig, output: Path, *, resume: bool, overwrite: bool,
         if not overwrite:
             raise OutputError(f"{state_dir.folder} holds an interrupted run; continue it with --resume, or start over with --overwrite")
         state_dir.remove()
-    from geoseg.atomic import check_output
+    from geoseg.io.atomic import check_output
 
     check_output(output, overwrite=overwrite or resume)
     return cfg, state_dir, state
@@ -254,7 +254,7 @@ def _plan(cfg: TrainConfig, *, fresh: bool) -> _Plan:
 def _prepare_data(plan: _Plan) -> _Data:
     """Read the scenes at the run's GSD, cut them into training and validation areas, pick the
     training chips, build the validation batches and the input statistics, and the chip sampler."""
-    from geoseg.scene import open_scene
+    from geoseg.io.scene import open_scene
     from geoseg.targets import TargetSets
 
     cfg, chip = plan.cfg, plan.chip

@@ -44,7 +44,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 import geoseg
-from geoseg.atomic import Staging, claim_outputs
+from geoseg.io.atomic import Staging, claim_outputs
 from geoseg.blend import decision_bias
 from geoseg.errors import InputError
 from geoseg.inference.options import PredictOptions, as_options
@@ -148,7 +148,7 @@ def detect_input(path: str | os.PathLike, role: str, *, classes: Sequence[str] |
     """What ``path`` holds: a probabilities raster (float bands described ``p_<class>``), a class
     raster (one integer band with a ``class_names`` tag, or any such band when ``classes`` is
     given), or else a scene to segment. InputError for files that cannot be used."""
-    from geoseg.scene import open_dataset, open_scene
+    from geoseg.io.scene import open_dataset, open_scene
     from geoseg.workflows.vectorize import raster_classes
 
     with open_dataset(path) as ds:
@@ -187,7 +187,7 @@ def detect_input(path: str | os.PathLike, role: str, *, classes: Sequence[str] |
         names, colors = tuple(names), tuple(tuple(c) for c in colors)
     thresholds = None
     if kind == "probs" and threshold_tag:  # written by predict --probs-out: decide classes as it did
-        from geoseg.cleanup import parse_tagged
+        from geoseg.vector.cleanup import parse_tagged
 
         tagged_thresholds = parse_tagged(threshold_tag)
         thresholds = tuple(float(tagged_thresholds.get(name, 0.5)) for name in names)
@@ -503,7 +503,7 @@ def change(
 ) -> ChangeResult:
     """Compare ``before`` and ``after`` and write change polygons to the GeoPackage ``output`` (and
     the change raster to ``raster_out``), all or nothing. ``aoi``: only inside these polygons (any
-    vector file, any CRS; ``geoseg.aoi``): the common grid shrinks to them, scenes are segmented
+    vector file, any CRS; ``geoseg.io.aoi``): the common grid shrinks to them, scenes are segmented
     only there (with a rim of context for the tolerance), nothing outside is reported. ``preview``: a
     PNG quick look of what appeared and disappeared over AFTER (``geoseg.preview``; over BEFORE when
     only BEFORE is a scene, over AFTER's class ids in gray when neither is).
@@ -632,7 +632,7 @@ def _read_dates(before, after, options: ChangeOptions, predict_options: PredictO
     meta = bundle.meta if bundle is not None else read_meta(resolve_model(None if model is None else str(model)))
     thresholds(predict_options, meta)  # a bad --threshold fails before any work
     from geoseg.inference.segment import check_scene_for
-    from geoseg.scene import open_scene
+    from geoseg.io.scene import open_scene
 
     for d in scenes:  # and so do each scene's bands, the tiling and the GSD
         check_scene_for(open_scene(d.path, bands=predict_options.bands, assume_crs=predict_options.assume_crs),
@@ -661,7 +661,7 @@ def _comparison_grid(b: DateInput, a: DateInput, options: ChangeOptions, aoi) ->
     tolerance = _tolerance(options, grid)
     area = None
     if aoi is not None:
-        from geoseg.aoi import read_area
+        from geoseg.io.aoi import read_area
 
         area = read_area(aoi, grid.crs)
         grid = _grid_within(grid, area, margin_px=math.ceil(tolerance / min(grid.pixel_m)) + 2, aoi=aoi)
@@ -683,7 +683,7 @@ def _segment_scenes(dates: list[DateInput], bundle, model, meta, predict_options
     from geoseg.inference.options import scales_for, thresholds
     from geoseg.inference.segment import segment
     from geoseg.models.bundle import release_keras
-    from geoseg.scene import open_scene
+    from geoseg.io.scene import open_scene
     from geoseg.workflows.predict import load_model_for
     from geoseg.zooms import zoom_text
 
@@ -700,7 +700,7 @@ def _segment_scenes(dates: list[DateInput], bundle, model, meta, predict_options
             continue
         info = open_scene(d.path, bands=predict_options.bands, assume_crs=predict_options.assume_crs)
         if aoi is not None:  # segment the area and a rim around it: context for the tolerance
-            from geoseg.aoi import restrict
+            from geoseg.io.aoi import restrict
 
             info = restrict(info, aoi, margin_m=margin_m)
         folder = scratch / d.role.lower()
@@ -764,7 +764,7 @@ def _run_metadata(b: DateInput, a: DateInput, hashes: dict[str, str], model_info
 def _write_change_raster(path: Path, code_path: Path, run_meta: dict[str, str], names: list[str], colors,
                          background: set[int], min_area: float) -> None:
     """The change codes as a COG with their colour table, names in the tags and a QGIS style."""
-    from geoseg import outputs
+    from geoseg.io import outputs
 
     n = len(names)
     labels = ["no change"] + [f"{names[i]} → {names[j]}" for i, j in transitions(n)[1:]]
@@ -799,7 +799,7 @@ def _write_change_preview(path: Path, code_path: Path, b: DateInput, a: DateInpu
 def _grid_within(grid: Grid, area, *, margin_px: int, aoi) -> Grid:
     """The part of ``grid`` that covers ``area`` (polygons in its CRS) and ``margin_px`` pixels more
     on each side (the tolerance's context). InputError when the area misses the grid."""
-    from geoseg.scene import window_of
+    from geoseg.io.scene import window_of
 
     window = window_of(grid, *area.bounds)
     if window is None:
@@ -813,7 +813,7 @@ def _grid_within(grid: Grid, area, *, margin_px: int, aoi) -> Grid:
 
 
 def _palette(n: int) -> tuple[tuple[int, int, int], ...]:
-    from geoseg.outputs import PALETTE
+    from geoseg.io.outputs import PALETTE
 
     return tuple(PALETTE[i % len(PALETTE)] for i in range(n))
 
@@ -864,7 +864,7 @@ def _compare_dates(b: DateInput, a: DateInput, grid: Grid, code_path: Path, conf
                    margin: float, tolerance_m: float, progress: Progress | None, area=None) -> dict[str, int]:
     """Write the change codes (and confidences) of the whole grid, strip by strip; only inside
     ``area`` (shapely polygons in the grid's CRS) when given."""
-    from geoseg.outputs import SCRATCH_COMPRESS, TiledTiffWriter
+    from geoseg.io.outputs import SCRATCH_COMPRESS, TiledTiffWriter
 
     common = dict(width=grid.width, height=grid.height, crs=grid.crs, transform=grid.transform,
                   **SCRATCH_COMPRESS)
@@ -884,7 +884,7 @@ def _compare_dates(b: DateInput, a: DateInput, grid: Grid, code_path: Path, conf
                 valid = vb & va
                 inside = None
                 if area is not None:
-                    from geoseg.scene import pixels_inside
+                    from geoseg.io.scene import pixels_inside
 
                     inside = pixels_inside(area, grid.transform, h0, h1, 0, grid.width)
                 out = compare(cb, ca, valid, pb, pa, n_classes=n, margin=margin, tolerance_m=tolerance_m,
@@ -912,7 +912,9 @@ def _write_polygons(path: Path, code_path: Path, conf_path: Path | None, *, name
     """Polygonize the change raster into one layer per non-background class, ``<class>_change``."""
     import geopandas as gpd
 
-    from geoseg import outputs, polygons
+    from geoseg.io import outputs
+
+    from geoseg.vector import polygons
 
     n = len(names)
     pairs = transitions(n)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from geoseg.errors import InputError
-from geoseg.labels import IGNORE, LabelReader, parse_label_values
+from geoseg.io.labels import IGNORE, LabelReader, parse_label_values
 from geoseg.inference.options import PredictOptions
 from geoseg.metrics import (BoundaryCounter, ConfusionMatrix, ObjectMatch, match_objects,
                             precision_recall_f1, strips, valid_polygons)
@@ -177,7 +177,7 @@ def evaluate_classes(
     """
     import rasterio
 
-    from geoseg.scene import open_scene
+    from geoseg.io.scene import open_scene
 
     t_start = time.perf_counter()
     class_names = list(class_names)
@@ -242,7 +242,7 @@ def _score_pixels(ds, class_path, reader: LabelReader, cm: ConfusionMatrix, boun
     and the strips that held any: objects there may lie on unscored pixels."""
     truth_writer = None
     if truth_path is not None:
-        from geoseg.outputs import TiledTiffWriter
+        from geoseg.io.outputs import TiledTiffWriter
 
         truth_writer = TiledTiffWriter(truth_path, width=ds.width, height=ds.height, count=1, dtype="uint8",
                                        crs=ds.crs, transform=ds.transform, nodata=IGNORE)
@@ -331,7 +331,7 @@ def _result(cm: ConfusionMatrix, boundaries: BoundaryCounter, matches: dict[int,
 
 
 def _predicted_objects(class_path, class_names, background, min_area_m2) -> dict[int, np.ndarray]:
-    from geoseg.polygons import polygonize
+    from geoseg.vector.polygons import polygonize
 
     layers = polygonize(str(class_path), class_names=class_names, skip=set(background), min_area_m2=min_area_m2)
     return {c: layers[class_names[c]].geometry.values for c in range(len(class_names)) if c not in background}
@@ -343,7 +343,7 @@ def _true_objects(reader: LabelReader, grid, class_names, background, truth_path
     import shapely
 
     if truth_path is not None:
-        from geoseg.polygons import polygonize
+        from geoseg.vector.polygons import polygonize
 
         layers = polygonize(str(truth_path), class_names=class_names, skip=set(background))
         return {c: layers[class_names[c]].geometry.values for c in range(len(class_names)) if c not in background}
@@ -421,7 +421,7 @@ def road_scores(class_path: str | os.PathLike, reader: LabelReader, *, road_id: 
     import rasterio
     from rasterio.windows import Window
 
-    from geoseg.centrelines import CentrelineOptions, centrelines_from_raster, road_metrics
+    from geoseg.vector.centrelines import CentrelineOptions, centrelines_from_raster, road_metrics
 
     options = options or CentrelineOptions()
     options.check()
@@ -458,7 +458,7 @@ def reference_road_lines(labels: str | os.PathLike, grid, *, class_names: Sequen
     import rasterio
     import shapely
 
-    from geoseg.labels import RASTER_SUFFIXES
+    from geoseg.io.labels import RASTER_SUFFIXES
 
     if Path(labels).suffix.lower() in RASTER_SUFFIXES:
         return None
@@ -480,7 +480,7 @@ def reference_road_lines(labels: str | os.PathLike, grid, *, class_names: Sequen
     lines = gdf.geometry.to_crs(grid.crs)
     left, bottom, right, top = rasterio.transform.array_bounds(grid.height, grid.width, grid.transform)
     clipped = shapely.clip_by_rect(lines.values, left, bottom, right, top)
-    if grid.aoi is not None:  # an area of interest (geoseg.aoi): only the lines inside
+    if grid.aoi is not None:  # an area of interest (geoseg.io.aoi): only the lines inside
         clipped = shapely.intersection(clipped, grid.aoi)
     keep = ~shapely.is_empty(clipped)
     return gpd.GeoSeries(clipped[keep], crs=grid.crs)
@@ -522,7 +522,7 @@ def evaluate(
     Labels are checked (CRS, overlap, class values) before the model runs. Predicted polygons
     below the model's per-class minimum area (or ``options.min_area_m2``) are dropped before
     object matching, as in ``geoseg predict``. ``aoi``: score only inside these polygons (any
-    vector file, any CRS; ``geoseg.aoi``), for labels that are complete only there.
+    vector file, any CRS; ``geoseg.io.aoi``), for labels that are complete only there.
     """
     from geoseg.inference.options import as_options, min_areas
     from geoseg.inference.segment import segment
@@ -576,7 +576,7 @@ def _open_and_check(scene, aoi, options: PredictOptions, model, bundle) -> tuple
     metadata, read without Keras; the options checked against both before any model loads."""
     from geoseg.inference.options import thresholds
     from geoseg.inference.segment import check_scene_for
-    from geoseg.aoi import open_within
+    from geoseg.io.aoi import open_within
     from geoseg.models.bundle import read_meta, resolve_model
 
     info = open_within(scene, aoi, bands=options.bands, assume_crs=options.assume_crs)
@@ -594,7 +594,7 @@ def _open_and_check(scene, aoi, options: PredictOptions, model, bundle) -> tuple
 def _road_setting(road_buffer_m: float | None, class_names: list[str], road_class_name: str,
                   ) -> tuple[int | None, float]:
     """The road class id to score (None: no road scores) and the buffer in metres (default 3 m)."""
-    from geoseg.centrelines import road_class
+    from geoseg.vector.centrelines import road_class
 
     if road_buffer_m is not None and not (math.isfinite(road_buffer_m) and road_buffer_m >= 0):
         raise InputError(f"--road-buffer {road_buffer_m}: give a distance >= 0 in metres (0 turns road scores off)")

@@ -2,15 +2,15 @@
 
 The steps, each in its own module:
 
-- the scene is opened (``geoseg.scene``), cut to ``--aoi`` (``geoseg.aoi``), and every option and the
+- the scene is opened (``geoseg.io.scene``), cut to ``--aoi`` (``geoseg.io.aoi``), and every option and the
   scene are checked against the model's metadata before Keras loads (``geoseg.inference.options``);
 - ``geoseg.inference.segment`` runs the model over it, streaming: a background thread reads strips
   into fixed-shape batches, the model runs one batch at a time, the blender turns finished rows into
   classes and scores and appends them to tiled GeoTIFFs in a scratch folder; with several zooms the
   chain runs once per zoom and the runs are merged on the scene's grid;
-- the class raster is polygonized into the GeoPackage (``geoseg.polygons``; beside the model with
-  ``--polygonize live``), road centre-lines added (``geoseg.centrelines``), and the rasters copied
-  to COGs (``geoseg.outputs``);
+- the class raster is polygonized into the GeoPackage (``geoseg.vector.polygons``; beside the model with
+  ``--polygonize live``), road centre-lines added (``geoseg.vector.centrelines``), and the rasters copied
+  to COGs (``geoseg.io.outputs``);
 - all outputs are renamed into place together at the end (``atomic.Staging``).
 """
 
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import geoseg
-from geoseg.atomic import Staging, claim_outputs
+from geoseg.io.atomic import Staging, claim_outputs
 from geoseg.errors import InputError
 from geoseg.inference.live import LiveRows
 from geoseg.inference.options import (PredictOptions, Progress, as_options, building_class, cleanup_for, min_areas,
@@ -33,7 +33,7 @@ from geoseg.inference.options import (PredictOptions, Progress, as_options, buil
 from geoseg.inference.rasters import CLASS_NODATA, SCORE_SCALE
 from geoseg.inference.segment import check_scene_for, segment, streams_rows, warm_up
 from geoseg.models.bundle import release_keras, sha256_or_blank
-from geoseg.aoi import open_within
+from geoseg.io.aoi import open_within
 from geoseg.threads import Background
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,13 @@ def predict(
     preview: str | os.PathLike | None = None,
 ) -> PredictResult:
     """Segment ``scene`` and write the GeoPackage ``output`` (and optional rasters), all or nothing.
-    ``regularize``: straight, right-angled outlines for the ``building`` class (``geoseg.regularize``).
-    ``centerlines``: a ``road_centerline`` line layer too (``geoseg.centrelines``; None: when the model
+    ``regularize``: straight, right-angled outlines for the ``building`` class (``geoseg.vector.regularize``).
+    ``centerlines``: a ``road_centerline`` line layer too (``geoseg.vector.centrelines``; None: when the model
     has a class named ``centerline_options.class_name``, default ``road``). ``aoi``: polygons (any
-    vector file, any CRS) outside which nothing is written (``geoseg.aoi``); the outputs cover their
+    vector file, any CRS) outside which nothing is written (``geoseg.io.aoi``); the outputs cover their
     bounding box. ``preview``: a PNG quick look of the classes over the scene (``geoseg.preview``)."""
-    from geoseg import centrelines as roads
-    from geoseg import outputs
+    from geoseg.vector import centrelines as roads
+    from geoseg.io import outputs
 
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -232,7 +232,7 @@ def _check_output_names(output, raster_out, probs_out, preview) -> None:
 def _resolve(options: PredictOptions, meta, regularize: bool, centerlines: bool | None, centerline_options,
              ) -> _Settings:
     """The run's settings from the options and the model's metadata; every bad value fails here."""
-    from geoseg import centrelines as roads
+    from geoseg.vector import centrelines as roads
 
     class_names = list(meta.class_names)
     settings = _Settings(class_names=class_names, colors=list(meta.colors), background=set(meta.background),
@@ -250,7 +250,8 @@ def _resolve(options: PredictOptions, meta, regularize: bool, centerlines: bool 
 
 def _polygon_writer(gpkg_tmp: Path, settings: _Settings, crs):
     """A function writing polygons.iter_polygons batches to the GeoPackage; {layer: (count, area)}."""
-    from geoseg import outputs, polygons
+    from geoseg.io import outputs
+    from geoseg.vector import polygons
 
     def write_polygons(batches, pixel: float) -> dict:
         if settings.regularize:
@@ -271,7 +272,7 @@ def _segment_and_polygonize(info, bundle, meta, options: PredictOptions, setting
     column chunk beside the model, strip by strip as the blender finishes them (``--polygonize
     live``, LiveRows), otherwise from the class raster once the model is done and (``release``)
     its memory given back. Returns the segmentation, {layer: (count, area)} and the bundle."""
-    from geoseg import polygons
+    from geoseg.vector import polygons
 
     write_polygons = _polygon_writer(gpkg_tmp, settings, info.crs)
     how = settings.polygon_options()
@@ -348,7 +349,7 @@ def _run_metadata(info, bundle, meta, options: PredictOptions, settings: _Settin
 def _write_rasters(seg, raster_tmp: Path | None, probs_tmp: Path | None, run_meta: dict[str, str],
                    settings: _Settings) -> None:
     """The class raster (with its colour table and QGIS style) and the probabilities as COGs."""
-    from geoseg import outputs
+    from geoseg.io import outputs
 
     if raster_tmp:
         outputs.write_cog(

@@ -21,10 +21,10 @@ import numpy as np
 import rasterio
 
 import geoseg
-from geoseg.atomic import Staging, claim_outputs
+from geoseg.io.atomic import Staging, claim_outputs
 from geoseg.errors import InputError
 from geoseg.models.bundle import file_sha256
-from geoseg.outputs import PALETTE
+from geoseg.io.outputs import PALETTE
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +95,15 @@ def vectorize(
 
     ``min_area_m2`` defaults to the raster's ``min_area_m2`` tag (predict stores the values it
     used), so vectorizing predict's class raster gives predict's polygons; otherwise 0. The same for
-    the clean-up (``geoseg.cleanup``): ``sieve_m2``, ``max_hole_m2`` and ``simplify_m`` (one value or
+    the clean-up (``geoseg.vector.cleanup``): ``sieve_m2``, ``max_hole_m2`` and ``simplify_m`` (one value or
     ``{class_name: value}``) default to the raster's tags of the same names, else 0 (off).
 
-    ``centerlines``: also write the ``road_centerline`` line layer (``geoseg.centrelines``) of the
+    ``centerlines``: also write the ``road_centerline`` line layer (``geoseg.vector.centrelines``) of the
     class named ``centerline_options.class_name`` (default ``road``); None: when there is one."""
-    from geoseg import centrelines as roads
-    from geoseg import outputs, polygons
-    from geoseg.scene import open_dataset
+    from geoseg.vector import centrelines as roads
+    from geoseg.io import outputs
+    from geoseg.vector import polygons
+    from geoseg.io.scene import open_dataset
 
     t_start = time.perf_counter()
     if Path(output).suffix.lower() != ".gpkg":
@@ -192,7 +193,7 @@ def _min_areas(min_area_m2: float | Mapping[str, float] | None, names: list[str]
 def _cleanup_of(given: Mapping[str, object], names: list[str], tags: Mapping[str, str]):
     """The clean-up settings: each one given (one value or per class), else the raster's tag of
     the same name (predict's values), else 0 (off)."""
-    from geoseg.cleanup import SETTINGS, Cleanup, parse_tagged, per_class
+    from geoseg.vector.cleanup import SETTINGS, Cleanup, parse_tagged, per_class
 
     return Cleanup(**{key: per_class(given[key], {n: parse_tagged(tags.get(key)).get(n, 0.0) for n in names},
                                      option, unit) for key, (option, unit) in SETTINGS.items()})
@@ -216,7 +217,7 @@ def _run_metadata(class_path, names: list[str], regularize: bool, areas: dict[st
 def _checked_extras(options, centerlines: bool | None, regularize: bool, names: list[str]):
     """The centre-line settings, checked before any work, as is the class the extras need: the road
     class with ``centerlines=True``, the building class with ``regularize``."""
-    from geoseg import centrelines as roads
+    from geoseg.vector import centrelines as roads
 
     line_options = options or roads.CentrelineOptions()
     if centerlines is not False:
@@ -231,8 +232,8 @@ def _checked_extras(options, centerlines: bool | None, regularize: bool, names: 
 
 
 def _regularized(batches, class_path, names: list[str]):
-    """The polygon stream with the building class's outlines squared (``geoseg.regularize``)."""
-    from geoseg import polygons
+    """The polygon stream with the building class's outlines squared (``geoseg.vector.regularize``)."""
+    from geoseg.vector import polygons
     from geoseg.inference.options import building_class
 
     building = building_class(names)

@@ -627,6 +627,24 @@ def write_geopackage(
         raise OutputError(f"writing {path} failed: {exc}; check free disk space") from exc
 
 
+def polygon_frame(name, cid, geoms, areas, perimeters, scores, crs) -> gpd.GeoDataFrame:
+    """A GeoDataFrame of one class's polygons with geoseg's columns (``geoseg.vector.polygons.COLUMNS``)."""
+    import geopandas as gpd
+
+    n = len(geoms)
+    return gpd.GeoDataFrame(
+        {
+            "class_name": np.full(n, name, dtype=object),
+            "class_id": np.full(n, cid, dtype=np.int32),
+            "area_m2": np.asarray(areas, dtype=np.float64),
+            "perimeter_m": np.asarray(perimeters, dtype=np.float64),
+            "score": np.asarray(scores, dtype=np.float64),
+        },
+        geometry=gpd.GeoSeries(np.asarray(geoms, dtype=object), crs=crs),
+        crs=crs,
+    )
+
+
 def write_polygon_stream(
     path: str | os.PathLike,
     batches: Iterable,
@@ -648,8 +666,6 @@ def write_polygon_stream(
     Returns ``{layer: (count, area_m2)}``.
     """
     import geopandas as gpd
-
-    from geoseg.polygons import polygon_frame
 
     columns = columns or {}
     empty = {name: gpd.GeoDataFrame({"class_name": np.zeros(0, object),

@@ -29,7 +29,7 @@ from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
 from geoseg.errors import InputError
-from geoseg.scene import SceneInfo, own_pixels
+from geoseg.io.scene import SceneInfo, own_pixels
 
 log = logging.getLogger(__name__)
 

@@ -30,15 +30,16 @@ from pyproj import CRS
 from rasterio.windows import Window
 
 from geoseg import memory
-from geoseg.cleanup import Cleanup, clean_strips, simplify_coverage
+from geoseg.vector.cleanup import Cleanup, clean_strips, simplify_coverage
 from geoseg.errors import InputError
-from geoseg.measure import area_m2, perimeter_m, pixels_to_world
-from geoseg.regions import label_regions
+from geoseg.vector.measure import area_m2, perimeter_m, pixels_to_world
+from geoseg.vector.regions import label_regions
+from geoseg.io.outputs import polygon_frame
 
 if TYPE_CHECKING:
     import geopandas as gpd
 
-__all__ = ["polygonize", "iter_polygons", "iter_polygons_of", "RasterRows", "PolygonBatch", "polygon_frame"]
+__all__ = ["polygonize", "iter_polygons", "iter_polygons_of", "RasterRows", "PolygonBatch"]
 
 COLUMNS = ("class_name", "class_id", "area_m2", "perimeter_m", "score", "geometry")
 
@@ -76,7 +77,7 @@ def polygonize(
     uint16 holding probability x 65535) times ``score_scale`` over each polygon's pixels, NaN
     without a score raster. ``min_area_m2`` drops smaller polygons: one number for all classes
     or ``{class_name: m2}``. ``progress(n)`` receives increments of rows (total: the raster height).
-    ``cleanup`` (:class:`geoseg.cleanup.Cleanup`): sieve, hole filling and coverage simplification.
+    ``cleanup`` (:class:`geoseg.vector.cleanup.Cleanup`): sieve, hole filling and coverage simplification.
     """
     class_names = list(class_names)
     parts: dict[int, list] = {}
@@ -118,12 +119,12 @@ REGULARIZE_COLUMNS = {"reg_iou": "float64", "vertices": "int64", "regularized": 
 
 
 def regularize_batches(batches: Iterable[PolygonBatch], *, class_id: int, pixel: float, **kw) -> Iterator[PolygonBatch]:
-    """Regularise the polygons of ``class_id`` (``geoseg.regularize``) as they stream past; their
+    """Regularise the polygons of ``class_id`` (``geoseg.vector.regularize``) as they stream past; their
     areas and perimeters are measured again, and ``reg_iou``, ``vertices`` and ``regularized``
     columns are added. Other classes pass unchanged."""
     import logging
 
-    from geoseg.regularize import regularize
+    from geoseg.vector.regularize import regularize
 
     n = squared = before = after = 0
     for batch in batches:
@@ -167,7 +168,7 @@ def iter_polygons(
     member of a group touches the strip line any more its pieces are dissolved (``union_all``)
     into one polygon, exactly the polygon the whole raster would give.
 
-    With ``cleanup`` (:mod:`geoseg.cleanup`), each strip is sieved and its holes filled with a
+    With ``cleanup`` (:mod:`geoseg.vector.cleanup`), each strip is sieved and its holes filled with a
     halo of rows around it (the same pixels as on the whole raster), and when it simplifies, the
     pieces of every class, skipped ones included, are simplified together as one coverage with the
     strip's outline fixed, before the skipped classes' pieces are dropped.
@@ -435,24 +436,6 @@ def _batch(cid, geoms, sums, counts, crs, limit, score_scale, scored) -> Iterato
     else:
         scores = np.full(len(geoms), np.nan)
     yield PolygonBatch(cid, geoms, areas, perimeter_m(geoms, crs), scores, crs)
-
-
-def polygon_frame(name, cid, geoms, areas, perimeters, scores, crs) -> gpd.GeoDataFrame:
-    """A GeoDataFrame of one class's polygons with geoseg's columns (``COLUMNS``)."""
-    import geopandas as gpd
-
-    n = len(geoms)
-    return gpd.GeoDataFrame(
-        {
-            "class_name": np.full(n, name, dtype=object),
-            "class_id": np.full(n, cid, dtype=np.int32),
-            "area_m2": np.asarray(areas, dtype=np.float64),
-            "perimeter_m": np.asarray(perimeters, dtype=np.float64),
-            "score": np.asarray(scores, dtype=np.float64),
-        },
-        geometry=gpd.GeoSeries(np.asarray(geoms, dtype=object), crs=crs),
-        crs=crs,
-    )
 
 
 def _min_area_per_class(

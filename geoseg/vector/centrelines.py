@@ -61,7 +61,7 @@ import shapely
 from pyproj import CRS
 
 from geoseg.errors import InputError
-from geoseg.measure import line_length_m, needs_ellipsoid, pixels_to_world
+from geoseg.vector.measure import line_length_m, needs_ellipsoid, pixels_to_world
 
 if TYPE_CHECKING:
     import geopandas as gpd
@@ -180,7 +180,7 @@ def write_centreline_layer(gpkg_path: str | os.PathLike, class_path: str | os.Pa
 
     ``enabled``: None writes it when a class is named ``options.class_name``; True requires one.
     Returns :meth:`Centrelines.summary`, or None when no layer was written."""
-    from geoseg import outputs
+    from geoseg.io import outputs
 
     if enabled is False:
         return None
@@ -201,7 +201,7 @@ def write_centreline_layer(gpkg_path: str | os.PathLike, class_path: str | os.Pa
 
 def _network(read, height: int, width: int, transform, crs, options: CentrelineOptions,
              progress) -> Centrelines:
-    from geoseg.scene import ground_sample_distance
+    from geoseg.io.scene import ground_sample_distance
 
     options.check()
     crs = CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)

@@ -40,7 +40,7 @@ import numpy as np
 import shapely
 
 from geoseg.errors import InputError
-from geoseg.regions import label_regions
+from geoseg.vector.regions import label_regions
 
 __all__ = ["Cleanup", "RasterCleanup", "SIEVE_ROUNDS", "clean_array", "clean_strips", "halo_rows",
            "parse_per_class", "per_class", "simplify_coverage"]

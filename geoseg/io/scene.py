@@ -25,7 +25,7 @@ from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.windows import Window
 
 from geoseg.errors import InputError
-from geoseg.tiffheader import HeaderError, check_tiff
+from geoseg.io.tiffheader import HeaderError, check_tiff
 
 SUPPORTED_KINDS = "uifb"  # unsigned, signed, float, bool; complex ("c") is refused
 
@@ -52,7 +52,7 @@ class SceneInfo:
     parent: "SceneInfo | None" = None
     row_off: int = 0
     col_off: int = 0
-    aoi: object | None = None  # shapely polygons in ``crs`` (geoseg.aoi): outputs only where pixel centres are inside
+    aoi: object | None = None  # shapely polygons in ``crs`` (geoseg.io.aoi): outputs only where pixel centres are inside
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -415,7 +415,7 @@ def pixels_inside(area, transform: rasterio.Affine, row0: int, row1: int, col0: 
 
 def own_pixels(info: SceneInfo, row0: int, row1: int, col0: int, col1: int) -> np.ndarray | None:
     """For a crop (``crop``), which pixels of a window of its grid are its own: inside the grid and,
-    with an area of interest, with their centre inside the area (``geoseg.aoi``). None for a scene
+    with an area of interest, with their centre inside the area (``geoseg.io.aoi``). None for a scene
     that is no crop: every pixel inside it is its own."""
     if info.parent is None:
         return None
@@ -429,7 +429,7 @@ def own_pixels(info: SceneInfo, row0: int, row1: int, col0: int, col1: int) -> n
 def crop(info: SceneInfo, row0: int, row1: int, col0: int, col1: int, *, aoi: object | None = None) -> SceneInfo:
     """The window rows ``row0:row1``, columns ``col0:col1`` of ``info`` as a grid of its own (same
     pixels, shifted transform), read through ``info`` (see ``SceneReader``). ``aoi``: polygons in
-    the scene's CRS outside which nothing is output (``geoseg.aoi``)."""
+    the scene's CRS outside which nothing is output (``geoseg.io.aoi``)."""
     if not (0 <= row0 < row1 <= info.height and 0 <= col0 < col1 <= info.width):
         raise ValueError(f"window rows {row0}:{row1}, columns {col0}:{col1} is not inside {info.height}x{info.width}")
     parent, dr, dc = info, row0, col0

@@ -1,7 +1,7 @@
 """The regions of a class raster: 4-connected pixels of one class, each with its own label.
 
-The one labelling that both the raster clean-up (``geoseg.cleanup``: sieving small regions into
-their neighbours) and the polygonizer (``geoseg.polygons``: one polygon per region) work from.
+The one labelling that both the raster clean-up (``geoseg.vector.cleanup``: sieving small regions into
+their neighbours) and the polygonizer (``geoseg.vector.polygons``: one polygon per region) work from.
 """
 
 from __future__ import annotations

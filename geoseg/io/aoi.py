@@ -26,7 +26,7 @@ from pathlib import Path
 import rasterio
 
 from geoseg.errors import InputError
-from geoseg.scene import SceneInfo, crop, open_scene, pixels_inside, window_of
+from geoseg.io.scene import SceneInfo, crop, open_scene, pixels_inside, window_of
 
 log = logging.getLogger(__name__)
 
