@@ -5,7 +5,7 @@ line a user sees); any other exception, or a crash of the process, is a bug. The
 real-looking GeoTIFFs that geoseg writes itself: tiled and striped, deflate and uncompressed, uint8
 RGB with an internal mask, uint16 with nodata, float32 with NaN, and an alpha band.
 
-The test suite runs a short fuzz (tests/test_fuzz.py). For a long run:
+The test suite runs a short fuzz (tests/system/test_fuzz.py). For a long run:
 
     python tests/fuzz_scene.py --inputs 20000 --seed 1
 """

@@ -10,7 +10,7 @@ Prints one JSON document: QGIS's version; for each GeoPackage layer whether it i
 feature count, geometry type, renderer type and categories (value, label, colour) as QGIS loaded
 them from the GeoPackage's ``layer_styles``; for the class raster its renderer and palette as loaded
 from the ``.qml`` sidecar; with ``--png``, the rendered picture's size and its distinct colours.
-``tests/test_qgis.py`` runs it and checks the answers; it skips when no QGIS is installed.
+``tests/system/test_qgis.py`` runs it and checks the answers; it skips when no QGIS is installed.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ Three steps, each optional and set per class (square metres or metres, by class 
 Memory stays bounded by a strip of rows: :func:`clean_strips` cleans each strip with a halo of
 :func:`halo_rows` rows above and below. A region that reaches from the strip through the whole
 halo has more pixels than any threshold, so it is large for the whole raster too, and every
-decision about the strip's pixels is the one the whole raster gives (``tests/test_cleanup.py``
+decision about the strip's pixels is the one the whole raster gives (``tests/vector/test_cleanup.py``
 checks this for any strip height). The halo grows with the thresholds in pixels:
 ``SIEVE_ROUNDS * (2 s + 3) + h + 2`` rows for a largest sieved region of ``s`` pixels and a largest
 filled hole of ``h`` pixels.

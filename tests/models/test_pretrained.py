@@ -344,7 +344,7 @@ def test_one_encoder_model_runs_tiles_of_many_shapes():
 def test_training_starts_from_the_imagenet_weights_and_the_bundle_round_trips(tmp_path, weights):
     from geoseg.models import load_bundle, read_meta
     from geoseg.training import TrainConfig, train
-    from tests.test_training import make_scene
+    from tests.training.test_training import make_scene
 
     a = make_scene(tmp_path, "a", 0, size=256)
     b = make_scene(tmp_path, "b", 1, size=128)

@@ -32,9 +32,9 @@ from geoseg.models import (
 
 keras = pytest.importorskip("keras")
 if keras.backend.backend() != "tensorflow":  # the bundles below are saved under TensorFlow
-    pytest.skip("tests/test_models.py expects KERAS_BACKEND=tensorflow", allow_module_level=True)
+    pytest.skip("tests/models/test_models.py expects KERAS_BACKEND=tensorflow", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BANDS = ("red", "green", "blue")
 MEAN = (90.0, 100.0, 110.0)
 STD = (40.0, 45.0, 50.0)

@@ -378,7 +378,7 @@ def test_training_counts_labels_only_inside_the_area(tmp_path):
     import os
 
     from geoseg.training import load_scene, read_config
-    from tests.test_training import ORIGIN, make_scene
+    from tests.training.test_training import ORIGIN, make_scene
 
     a = make_scene(tmp_path, "a", 0, size=96)
     b = make_scene(tmp_path, "b", 1, size=96)

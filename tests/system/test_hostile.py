@@ -19,7 +19,7 @@ import rasterio
 from rasterio.transform import from_origin
 
 from tests.conftest import write_raster
-from tests.test_faults import assert_error, invoke, models, run_geoseg, work  # noqa: F401  (fixtures)
+from tests.system.test_faults import assert_error, invoke, models, run_geoseg, work  # noqa: F401  (fixtures)
 
 
 def sha(path: Path) -> str:
@@ -235,7 +235,7 @@ def _cli_without_keras(*args) -> tuple[int, str, bool]:
             "    code = e.code\nloaded = any(m.split('.')[0] in ('keras', 'tensorflow') for m in sys.modules)\n"
             "sys.stdout.write(f'{code} {loaded}')\n")
     proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
     rc, loaded = proc.stdout.split()
     return int(rc), proc.stderr, loaded == "True"
 
@@ -398,7 +398,7 @@ def _in_a_terminal(args: list, until, timeout: float = 240.0) -> tuple[subproces
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
     proc = subprocess.Popen([sys.executable, "-m", "geoseg", *map(str, args)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=slave, cwd=Path(__file__).resolve().parents[1])
+                            stdout=subprocess.DEVNULL, stderr=slave, cwd=Path(__file__).resolve().parents[2])
     os.close(slave)
     text = ""
 

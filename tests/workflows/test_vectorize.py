@@ -17,7 +17,7 @@ from geoseg.io.outputs import read_run_metadata
 from geoseg.vector.polygons import polygonize
 from geoseg.models.bundle import file_sha256
 from tests.conftest import shared, write_raster
-from tests.test_faults import assert_error
+from tests.system.test_faults import assert_error
 
 
 def invoke(*args):

@@ -30,7 +30,7 @@ from geoseg.cli import cli
 from geoseg.errors import InputError
 from geoseg.io.outputs import read_run_metadata
 from tests.conftest import shared, write_raster
-from tests.test_faults import assert_error, snapshot
+from tests.system.test_faults import assert_error, snapshot
 from tests.testmodels import keras_onehot_bundle, numpy_bundle
 
 UTM = "EPSG:32633"
@@ -234,7 +234,7 @@ def test_an_interrupted_run_leaves_nothing_behind(two_dates, tmp_path, monkeypat
 def test_change_outputs_open_styled_in_qgis(two_dates, tmp_path):
     """Real QGIS (optional, as in test_qgis.py) loads the layer's style by `change` and the change
     raster's named palette."""
-    from tests.test_qgis import qgis_python, run_check
+    from tests.system.test_qgis import qgis_python, run_check
 
     python = qgis_python()
     before, after, _ = two_dates

@@ -14,7 +14,7 @@ from rasterio.transform import from_origin
 from geoseg.cli import cli
 from geoseg.vector.regularize import dominant_angle, regularize
 from tests.conftest import write_raster
-from tests.test_faults import assert_error
+from tests.system.test_faults import assert_error
 
 PIXEL = 0.25
 GRID = from_origin(0, 40, PIXEL, PIXEL)
