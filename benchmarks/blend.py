@@ -21,8 +21,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from geoseg.blend import StripAccumulator, weight_window  # noqa: E402
-from geoseg.tiling import plan_tiles  # noqa: E402
+from geoseg.tiling.blend import StripAccumulator, weight_window  # noqa: E402
+from geoseg.tiling.tiles import plan_tiles  # noqa: E402
 
 
 def main() -> None:

@@ -111,9 +111,9 @@ def child_naive(scene: str, model: str, out: str, tile: int, overlap: int, preci
     import rasterio.features
     import shapely.geometry
 
-    from geoseg.blend import decision_bias
+    from geoseg.tiling.blend import decision_bias
     from geoseg.models.bundle import load_bundle, resolve_model
-    from geoseg.tiling import plan_tiles
+    from geoseg.tiling.tiles import plan_tiles
 
     t0 = time.perf_counter()
     bundle = load_bundle(resolve_model(model), precision=precision)

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from geoseg.blend import WINDOWS
+from geoseg.tiling.blend import WINDOWS
 from geoseg.errors import GeosegError
 from geoseg.inference.options import STRETCHES, TTA
 from geoseg.models.bundle import PRECISIONS

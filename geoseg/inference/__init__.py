@@ -6,7 +6,7 @@ The modules in the order the data flows through them:
 - ``grids``: the grid the model runs on (the scene's, or resampled to the model's GSD), its tiles
   and column chunks;
 - ``batches``: the scene read strip by strip into fixed-shape batches of tiles with data;
-- ``engine``: forward passes, the logits blended behind the model (``geoseg.blend``), finished
+- ``engine``: forward passes, the logits blended behind the model (``geoseg.tiling.blend``), finished
   strips handed to
 - ``rasters``: the class, score and probability GeoTIFFs, and the warp back from a resampled grid;
 - ``scales``: the chain once per zoom, merged on the scene's grid;

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from geoseg.io.scene import SceneInfo, SceneReader
-from geoseg.tiling import Tile, TilePlan
+from geoseg.tiling.tiles import Tile, TilePlan
 
 
 @dataclass(frozen=True)

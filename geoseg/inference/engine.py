@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from geoseg.blend import Strip, StripAccumulator, decision_bias, weight_window
+from geoseg.tiling.blend import Strip, StripAccumulator, decision_bias, weight_window
 from geoseg.inference.batches import Skips, iter_batches
 from geoseg.inference.grids import match_bands, plan_chunks, tiling_for, value_stretch
 from geoseg.inference.options import TTA, PredictOptions, Progress, thresholds

@@ -10,7 +10,7 @@ from pathlib import Path
 from geoseg.errors import InputError
 from geoseg.inference.options import STRETCHES, PredictOptions
 from geoseg.io.scene import SceneInfo, at_gsd
-from geoseg.tiling import TilePlan, check_tiling, tile_plan
+from geoseg.tiling.tiles import TilePlan, check_tiling, tile_plan
 
 log = logging.getLogger(__name__)
 

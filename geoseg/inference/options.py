@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from geoseg.blend import WINDOWS, resolve_thresholds
+from geoseg.tiling.blend import WINDOWS, resolve_thresholds
 from geoseg.errors import InputError
 from geoseg.models.bundle import PRECISIONS
 

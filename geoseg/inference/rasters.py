@@ -15,7 +15,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from geoseg.blend import Strip
+from geoseg.tiling.blend import Strip
 from geoseg.inference.grids import column_chunks
 from geoseg.io.scene import SceneInfo, SceneReader
 

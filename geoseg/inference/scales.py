@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geoseg.blend import argmax_classes, decision_bias
+from geoseg.tiling.blend import argmax_classes, decision_bias
 from geoseg.inference.engine import segment_grid
 from geoseg.inference.grids import plan_chunks, tiling_for, working_grid
 from geoseg.inference.options import PredictOptions, Progress, thresholds

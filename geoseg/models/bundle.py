@@ -101,7 +101,7 @@ class ClassInfo:
     of its polygons: minimum polygon area in square metres (smaller polygons are dropped when
     vectorising), regions below ``sieve_m2`` merged into their neighbours and holes below
     ``max_hole_m2`` filled before polygonizing, edges simplified with a tolerance of ``simplify_m``
-    metres (0: off). ``threshold`` is the class's decision threshold (``geoseg.blend.decision_bias``):
+    metres (0: off). ``threshold`` is the class's decision threshold (``geoseg.tiling.blend.decision_bias``):
     with two classes a pixel takes this class where its probability is at least ``threshold``; 0.5 is
     the plain most-probable class."""
 

@@ -120,7 +120,7 @@ def _axis_starts(lo: int, hi: int, size: int, chip: int, stride: int) -> list[in
     """Starts of chips along one axis inside [lo, hi); a chip may pass the rectangle only where the
     rectangle ends at the scene's edge (the part outside the scene is padding)."""
     if hi - lo >= chip:
-        from geoseg.tiling import spaced_starts
+        from geoseg.tiling.tiles import spaced_starts
 
         return spaced_starts(lo, hi, chip, stride)
     if lo == 0 and hi == size:

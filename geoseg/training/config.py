@@ -219,7 +219,7 @@ _HEX = re.compile(r"^#?([0-9a-fA-F]{6})$")
 
 def with_thresholds(class_infos, spec: str | None):
     """``class_infos`` with the decision thresholds of ``spec`` ("building=0.3"; see ``--threshold``)."""
-    from geoseg.blend import resolve_thresholds
+    from geoseg.tiling.blend import resolve_thresholds
     from geoseg.vector.cleanup import parse_per_class
 
     if not spec:

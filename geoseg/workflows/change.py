@@ -45,7 +45,7 @@ from rasterio.windows import Window
 
 import geoseg
 from geoseg.io.atomic import Staging, claim_outputs
-from geoseg.blend import decision_bias
+from geoseg.tiling.blend import decision_bias
 from geoseg.errors import InputError
 from geoseg.inference.options import PredictOptions, as_options
 

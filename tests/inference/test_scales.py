@@ -56,7 +56,7 @@ def test_a_zoom_that_does_not_cover_a_pixel_takes_no_part_and_no_zoom_gives_zero
 
 
 def test_the_class_taken_from_merged_probabilities_follows_the_threshold():
-    from geoseg.blend import decision_bias
+    from geoseg.tiling.blend import decision_bias
 
     p = np.linspace(0.005, 0.995, 100, dtype=np.float32)[None]  # never on a threshold
     probs = np.stack([1 - p, p])

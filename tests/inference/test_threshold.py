@@ -10,7 +10,7 @@ import pytest
 import rasterio
 from click.testing import CliRunner
 
-from geoseg.blend import decision_bias, resolve_thresholds
+from geoseg.tiling.blend import decision_bias, resolve_thresholds
 from geoseg.cli import cli
 from geoseg.errors import InputError
 from geoseg.models.bundle import Bundle, BundleError, BundleMeta, ClassInfo

@@ -20,7 +20,7 @@ from geoseg.errors import InputError
 from geoseg.inference.options import PredictOptions
 from geoseg.workflows.predict import predict
 from geoseg.io.scene import SceneReader, crop, open_scene
-from geoseg.tiling import plan_tiles
+from geoseg.tiling.tiles import plan_tiles
 from tests.conftest import shared, write_raster
 from tests.testmodels import blocky_labels, numpy_bundle
 

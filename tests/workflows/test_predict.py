@@ -285,7 +285,7 @@ def test_tta_keeps_an_equivariant_model_exact_through_predict(tmp_path, tta):
 
 
 def test_an_error_while_blending_in_the_background_reaches_the_caller(tmp_path, monkeypatch):
-    from geoseg import blend
+    from geoseg.tiling.tiles import blend
 
     def broken(self, *args, **kwargs):
         raise OutputError("blending failed on purpose")
@@ -400,7 +400,7 @@ def test_a_polygonizing_error_stops_the_model_and_reaches_the_caller(tmp_path, m
     with pytest.raises(OutputError, match="on purpose"):
         predict(scene, tmp_path / "o.gpkg", raster_out=tmp_path / "c.tif", bundle=bundle,
                 options=PredictOptions(tile_size=32, overlap=8, batch_size=1, polygonize="live"))
-    from geoseg.tiling import plan_tiles
+    from geoseg.tiling.tiles import plan_tiles
 
     assert sum(calls) < len(plan_tiles(2000, 64, tile_size=32, overlap=8)) / 2  # the model stopped early
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tif"]

@@ -5,9 +5,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geoseg.blend import StripAccumulator, WINDOWS, weight_window
+from geoseg.tiling.blend import StripAccumulator, WINDOWS, weight_window
 from geoseg.errors import InputError
-from geoseg.tiling import plan_tiles
+from geoseg.tiling.tiles import plan_tiles
 
 
 @pytest.mark.parametrize("kind", WINDOWS)

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geoseg.errors import InputError
-from geoseg.tiling import axis_starts, batches, check_tiling, plan_tiles
+from geoseg.tiling.tiles import axis_starts, batches, check_tiling, plan_tiles
 
 
 @st.composite
@@ -76,7 +76,7 @@ def test_batches_keep_order_and_reject_zero():
 @given(lo=st.integers(0, 50), span=st.integers(1, 600), size=st.integers(1, 128), stride=st.integers(1, 300))
 def test_spaced_starts_cover_the_span_from_its_start_to_its_end(lo, span, size, stride):
     """The one window planner (tiles and training chips): from lo, stride apart, the last flush with hi."""
-    from geoseg.tiling import spaced_starts
+    from geoseg.tiling.tiles import spaced_starts
 
     hi = lo + span
     if span < size:
@@ -95,7 +95,7 @@ def test_spaced_starts_cover_the_span_from_its_start_to_its_end(lo, span, size, 
 
 
 def test_training_chips_and_inference_tiles_use_the_same_planner():
-    from geoseg.tiling import axis_starts, spaced_starts
+    from geoseg.tiling.tiles import axis_starts, spaced_starts
     from geoseg.training import Rect, chip_windows
 
     rows = sorted({r for _, r, _ in chip_windows(Rect(0, 0, 1000, 0, 300), (1000, 300), chip=256, stride=192)})

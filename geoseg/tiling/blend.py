@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from geoseg.errors import InputError
-from geoseg.tiling import Tile
+from geoseg.tiling.tiles import Tile
 
 WINDOWS = ("cosine", "gaussian", "mean")
 
