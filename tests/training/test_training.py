@@ -643,8 +643,9 @@ def test_every_committed_recipe_is_a_valid_config(path):
 
 
 def test_each_shipped_model_has_its_recipe():
-    bundled = sorted(p.stem for p in (REPO / "geoseg" / "models" / "bundled").glob("*.keras"))
-    assert bundled == sorted(p.stem for p in (REPO / "recipes" / "shipped").glob("*.toml"))
+    """recipes/shipped/NAME.toml rebuilds geoseg/models/bundled/NAME.keras (earlier stages beside it)."""
+    bundled = {p.stem for p in (REPO / "geoseg" / "models" / "bundled").glob("*.keras")}
+    assert bundled <= {p.stem for p in (REPO / "recipes" / "shipped").glob("*.toml")}
 
 
 # --- the satellite look (geoseg.augment) ------------------------------------------------------------
