@@ -285,7 +285,7 @@ def test_tta_keeps_an_equivariant_model_exact_through_predict(tmp_path, tta):
 
 
 def test_an_error_while_blending_in_the_background_reaches_the_caller(tmp_path, monkeypatch):
-    from geoseg.tiling.tiles import blend
+    from geoseg.tiling import blend
 
     def broken(self, *args, **kwargs):
         raise OutputError("blending failed on purpose")
