@@ -397,8 +397,14 @@ def _in_a_terminal(args: list, until, timeout: float = 240.0) -> tuple[subproces
 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    def as_in_a_terminal() -> None:
+        # a shell gives the program it runs in the foreground Ctrl-C's default action; a test run
+        # started in the background (`pytest &`, a CI job) ignores SIGINT, and its children would too
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     proc = subprocess.Popen([sys.executable, "-m", "geoseg", *map(str, args)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=slave, cwd=Path(__file__).resolve().parents[2])
+                            stdout=subprocess.DEVNULL, stderr=slave, cwd=Path(__file__).resolve().parents[2],
+                            preexec_fn=as_in_a_terminal)
     os.close(slave)
     text = ""
 
